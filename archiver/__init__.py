@@ -1,0 +1,16 @@
+"""archiver: archive expired Prefect runs to Parquet, verify, then delete them.
+
+The library is the product; the ``archiver`` command is a thin layer over it::
+
+    import asyncio
+    from archiver import RunOptions, run
+    from archiver.source.engine import DatabaseOptions
+
+    report = asyncio.run(run(RunOptions(database=DatabaseOptions(url), storage_url="s3://...")))
+"""
+
+from archiver.errors import ArchiverError
+from archiver.pipeline import BatchReport, RunOptions, RunReport, run
+from archiver.version import __version__
+
+__all__ = ["ArchiverError", "BatchReport", "RunOptions", "RunReport", "__version__", "run"]

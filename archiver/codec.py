@@ -1,0 +1,167 @@
+"""Rows <-> Arrow <-> Parquet, and checksums. Pure: no I/O.
+
+An archive has the same shape whichever database it came from:
+
+=========  ====================================  =====================================
+kind       Arrow / Parquet                       from SQLite
+=========  ====================================  =====================================
+uuid       string, canonical lowercase           already text
+timestamp  timestamp[us, UTC]                    naive UTC text, parsed
+interval   duration[us]                          epoch + duration as text
+json       string holding the JSON document      text, or a bare number (affinity)
+boolean    bool                                  0 / 1
+int*       int16 / int32 / int64                 as is
+string     string                                as is
+=========  ====================================  =====================================
+
+JSON ``null`` stays the text ``"null"``; SQL NULL stays a Parquet null.
+Each field carries its kind in field metadata (``archiver.kind``) and the file
+carries its table, batch and source revision in schema metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from archiver.models import Column, Kind, TableRows
+
+ARROW_TYPES: dict[Kind, pa.DataType] = {
+    Kind.UUID: pa.string(),
+    Kind.TIMESTAMP: pa.timestamp("us", tz="UTC"),
+    Kind.INTERVAL: pa.duration("us"),
+    Kind.JSON: pa.string(),
+    Kind.BOOLEAN: pa.bool_(),
+    Kind.INT16: pa.int16(),
+    Kind.INT32: pa.int32(),
+    Kind.INT64: pa.int64(),
+    Kind.FLOAT: pa.float64(),
+    Kind.STRING: pa.string(),
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    """A Parquet file in memory, with what verification needs to know about it."""
+
+    data: bytes
+    rows: int
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What a Parquet file read back from storage says about itself."""
+
+    rows: int
+    ids: list[str]
+    metadata: dict[str, str]
+    sha256: str
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
+    """Column-wise conversion of driver rows to an Arrow table with the archive's types."""
+    columns = list(zip(*rows.rows, strict=True)) if rows.rows else [()] * len(rows.shape.columns)
+    arrays = [
+        _array(column, list(values), rows.dialect)
+        for column, values in zip(rows.shape.columns, columns, strict=True)
+    ]
+    fields = [
+        pa.field(column.name, ARROW_TYPES[column.kind], metadata={"archiver.kind": column.kind})
+        for column in rows.shape.columns
+    ]
+    schema = pa.schema(fields, metadata=dict(metadata))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def encode(rows: TableRows, metadata: Mapping[str, str], compression: str = "zstd") -> EncodedFile:
+    """Encode rows as one Parquet file held in memory."""
+    table = to_arrow(rows, metadata)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=None if compression == "none" else compression)
+    data = sink.getvalue().to_pybytes()
+    return EncodedFile(data=data, rows=table.num_rows, sha256=checksum(data))
+
+
+def read_facts(data: bytes) -> FileFacts:
+    """Row count, primary keys and metadata of a Parquet file (reads only the id column)."""
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    ids = parquet.read(columns=["id"]).column("id").to_pylist()
+    raw = parquet.schema_arrow.metadata or {}
+    metadata = {key.decode(): value.decode() for key, value in raw.items()}
+    return FileFacts(parquet.metadata.num_rows, ids, metadata, checksum(data))
+
+
+def _array(column: Column, values: list[Any], dialect: str) -> pa.Array:
+    kind = column.kind
+    if kind is Kind.JSON:
+        return pa.array([_json_text(v) for v in values], pa.string())
+    if kind is Kind.TIMESTAMP:
+        return _timestamps(values)
+    if kind is Kind.INTERVAL:
+        return pa.array([_interval(v) for v in values], pa.duration("us"))
+    if kind is Kind.BOOLEAN:
+        return pa.array([None if v is None else bool(v) for v in values], pa.bool_())
+    if kind in (Kind.UUID, Kind.STRING):
+        return _strings(values)
+    return pa.array(values, ARROW_TYPES[kind])
+
+
+def _strings(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # SQLite may hand back other types
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _json_text(value: Any) -> str | None:
+    # SQLite's NUMERIC affinity turns a bare JSON number into an int/float.
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _timestamps(values: list[Any]) -> pa.Array:
+    target = pa.timestamp("us", tz="UTC")
+    if not any(isinstance(v, str) for v in values):
+        return pa.array(values, target)
+    try:  # SQLite text, naive UTC: Arrow's ISO 8601 parser does it column-wise
+        return pa.array(values, pa.string()).cast(pa.timestamp("us")).cast(target)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_parse_time(v) for v in values], target)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _interval(value: Any) -> timedelta | None:
+    if value is None or isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float):  # the SQLite server default '0'
+        return timedelta(seconds=value)
+    text = str(value)
+    if text.replace(".", "", 1).isdigit():
+        return timedelta(seconds=float(text))
+    parsed = _parse_time(text)
+    assert parsed is not None
+    return parsed - _EPOCH

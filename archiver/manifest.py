@@ -1,0 +1,90 @@
+"""The record of a batch: what was written, row counts, checksums, and its fate.
+
+Two documents per batch, both written whole in one PUT:
+
+* ``_pending/<batch>.json`` (:class:`PendingMarker`): written *before* any data
+  file. It lists the keys the batch is about to write, so that recovery can
+  remove them if the batch never commits.
+* ``_manifests/<batch>.json`` (:class:`BatchManifest`): written after the
+  database commit. The same JSON is stored in the ledger row that commits with
+  the DELETEs, so a missing manifest can always be rewritten from the database.
+
+The batch's fate is decided by the ledger alone; see ``docs/commit-protocol.md``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from archiver.errors import VerificationError
+
+FORMAT_VERSION = 1
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: str
+    key: str
+    rows: int
+    bytes: int
+    sha256: str
+    #: ``archived``: rows deleted from the database; ``reference``: a snapshot (flow, deployment)
+    role: Literal["archived", "reference"]
+
+
+class BatchManifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    batch_id: str
+    created_at: datetime
+    cutoff: datetime
+    partition: str
+    source_dialect: str
+    source_revision: str
+    archiver_version: str
+    root_ids: list[str]
+    end_time_min: datetime
+    end_time_max: datetime
+    files: list[FileRecord]
+
+    def rows_by_table(self) -> dict[str, int]:
+        return {f.table: f.rows for f in self.files if f.role == "archived"}
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> BatchManifest:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise VerificationError(
+                f"{where} is not a valid archiver manifest: {exc.errors()[0]['msg']}",
+                hint="run `archiver verify` to list damaged batches",
+            ) from None
+
+
+class PendingMarker(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_id: str
+    created_at: datetime
+    keys: list[str]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "marker") -> PendingMarker:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise VerificationError(
+                f"{where} is not a valid archiver pending marker: {exc.errors()[0]['msg']}",
+                hint="inspect it by hand; archiver will not guess which files it covers",
+            ) from None

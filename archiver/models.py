@@ -1,0 +1,74 @@
+"""Plain data shared by the adapters: column kinds, rows read from a table, run roots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Kind(StrEnum):
+    """What a column holds, independent of how a database dialect stores it."""
+
+    UUID = "uuid"
+    TIMESTAMP = "timestamp"
+    INTERVAL = "interval"
+    JSON = "json"
+    BOOLEAN = "boolean"
+    INT16 = "int16"
+    INT32 = "int32"
+    INT64 = "int64"
+    FLOAT = "float"
+    STRING = "string"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """A reflected table: its name and columns in database order."""
+
+    name: str
+    columns: tuple[Column, ...]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def id_index(self) -> int:
+        return self.column_names.index("id")
+
+
+@dataclass
+class TableRows:
+    """Rows of one table as the driver returned them (values not yet normalised).
+
+    ``dialect`` says how to read the raw values: SQLite hands back text for
+    timestamps, UUIDs and intervals, PostgreSQL native Python objects.
+    """
+
+    shape: TableShape
+    dialect: str
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        index = self.shape.id_index
+        return [str(row[index]) for row in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class Root:
+    """A top-level flow run chosen for archiving."""
+
+    id: str
+    end_time: datetime

@@ -1,0 +1,416 @@
+"""One batch end to end, and the loop of batches.
+
+A batch is one database transaction around storage work (the commit protocol,
+``docs/commit-protocol.md``)::
+
+    BEGIN (SQLite: IMMEDIATE)
+      lock expired roots (SKIP LOCKED), gather their trees, lock them
+      advisory lock on the batch id (PostgreSQL)
+      PUT _pending/<batch>.json           intent: the keys about to be written
+      PUT <table>/month=.../<batch>.parquet   for every table with rows
+      GET every file back, fresh: checksum, row count, exact primary keys
+      DELETE exactly those keys, children first; each count must match
+      INSERT the manifest into the ledger
+    COMMIT
+    PUT _manifests/<batch>.json; DELETE _pending/<batch>.json
+
+Any failure before COMMIT rolls back and removes what the batch wrote, so the
+database is unchanged. A failure *during* COMMIT leaves the files and marker
+for recovery, which asks the ledger what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from archiver import codec
+from archiver.errors import ArchiverError, BatchError, DatabaseError, VerificationError
+from archiver.manifest import BatchManifest, FileRecord, PendingMarker
+from archiver.models import Root, TableRows
+from archiver.recovery import recover
+from archiver.source import ledger
+from archiver.source.deletion import delete_archived
+from archiver.source.engine import (
+    DatabaseOptions,
+    create_engine,
+    translate_error,
+    write_transaction_options,
+)
+from archiver.source.schema import PrefectSchema, inspect_schema
+from archiver.source.selection import Gathered, count_expired, gather, lock_roots
+from archiver.storage import Storage, data_key, manifest_key, pending_key
+from archiver.version import __version__
+
+#: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
+StepHook = Callable[[str, str], None]
+STEPS = ("gathered", "marker", "files", "verified", "deleted", "committed", "manifest", "done")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one run needs, as plain values (the CLI builds it from Settings)."""
+
+    database: DatabaseOptions
+    storage_url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    retention_period: timedelta = timedelta(days=90)
+    batch_size: int = 200
+    batch_interval: float = 0.5
+    max_batches: int | None = None
+    compression: str = "zstd"
+    dry_run: bool = True
+    now: datetime | None = None  # the clock, for tests; default: the current UTC time
+
+    @property
+    def cutoff(self) -> datetime:
+        return (self.now or datetime.now(UTC)) - self.retention_period
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    partition: str
+    roots: int
+    skipped_roots: list[str]
+    rows: dict[str, int]
+    bytes: int
+    seconds: float
+    stages: dict[str, float]
+
+
+@dataclass
+class RunReport:
+    dry_run: bool
+    cutoff: datetime
+    expired_roots: int
+    oldest_end_time: datetime | None
+    newest_end_time: datetime | None
+    batches: list[BatchReport] = field(default_factory=list)
+    skipped_roots: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def archived_roots(self) -> int:
+        return sum(batch.roots for batch in self.batches)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for batch in self.batches:
+            for table, count in batch.rows.items():
+                totals[table] = totals.get(table, 0) + count
+        return totals
+
+    @property
+    def bytes(self) -> int:
+        return sum(batch.bytes for batch in self.batches)
+
+
+async def run(options: RunOptions, hook: StepHook | None = None) -> RunReport:
+    """Archive expired run trees batch by batch until none remain.
+
+    With ``options.dry_run`` it only counts what it would archive. Raises
+    ArchiverError subclasses; a failed batch is rolled back before raising.
+    """
+    started = time.monotonic()
+    storage = Storage(options.storage_url, options.storage_options)
+    await asyncio.to_thread(storage.check_reachable)
+    engine = create_engine(options.database)
+    try:
+        report = await _run(engine, storage, options, hook or _no_hook)
+    finally:
+        await engine.dispose()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _no_hook(step: str, batch_id: str) -> None:
+    return None
+
+
+async def _run(
+    engine: AsyncEngine, storage: Storage, options: RunOptions, hook: StepHook
+) -> RunReport:
+    url = options.database.url
+    cutoff = options.cutoff
+    try:
+        async with engine.connect() as conn:
+            schema = await inspect_schema(conn)
+            expired, oldest, newest = await count_expired(conn, cutoff)
+            if not options.dry_run:
+                await ledger.ensure_ledger(conn)
+            await conn.commit()
+    except SQLAlchemyError as exc:
+        raise translate_error(exc, url) from None
+    except OSError as exc:
+        raise translate_error(exc, url) from None
+    report = RunReport(options.dry_run, cutoff, expired, oldest, newest, warnings=schema.warnings)
+    if options.dry_run:
+        return report
+    report.recovered = await recover(engine, storage)
+    await _loop(engine, storage, schema, options, hook, report)
+    return report
+
+
+async def _loop(
+    engine: AsyncEngine,
+    storage: Storage,
+    schema: PrefectSchema,
+    options: RunOptions,
+    hook: StepHook,
+    report: RunReport,
+) -> None:
+    batcher = _Batcher(engine, storage, schema, options, hook)
+    after: Root | None = None
+    while options.max_batches is None or len(report.batches) < options.max_batches:
+        outcome = await batcher.run_one(after)
+        if outcome is None:
+            return
+        after, batch = outcome
+        if batch is None:
+            continue  # every root of this slice had a live subflow; move on
+        report.batches.append(batch)
+        report.skipped_roots.extend(batch.skipped_roots)
+        if options.batch_interval:
+            await asyncio.sleep(options.batch_interval)
+
+
+class _Batcher:
+    """Runs one batch at a time under the commit protocol."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        storage: Storage,
+        schema: PrefectSchema,
+        options: RunOptions,
+        hook: StepHook,
+    ) -> None:
+        self.engine = engine
+        self.storage = storage
+        self.schema = schema
+        self.options = options
+        self.hook = hook
+
+    async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
+        """Archive the next batch after ``after``; None when nothing is left."""
+        try:
+            async with self.engine.connect() as conn:
+                await write_transaction_options(conn)
+                return await self._in_transaction(conn, after)
+        except ArchiverError:
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            raise BatchError(
+                "talking to the database", translate_error(exc, self.options.database.url)
+            ) from None
+
+    async def _in_transaction(
+        self, conn: AsyncConnection, after: Root | None
+    ) -> tuple[Root, BatchReport | None] | None:
+        clock = _Stopwatch()
+        transaction = await conn.begin()
+        roots = await lock_roots(conn, self.options.cutoff, self.options.batch_size, after)
+        if not roots:
+            await transaction.rollback()
+            return None
+        last = roots[-1]
+        gathered = await gather(conn, self.schema, roots)
+        clock.lap("select")
+        if not gathered.roots:
+            await transaction.rollback()
+            return last, None
+        batch = _PlannedBatch(gathered, self.schema, self.options)
+        await ledger.hold_batch_lock(conn, batch.batch_id)
+        self.hook("gathered", batch.batch_id)
+        try:
+            records = await self._write_and_verify(batch, clock)
+            await delete_archived(conn, batch.ids_by_table())
+            self.hook("deleted", batch.batch_id)
+            manifest = batch.manifest(records)
+            await ledger.record_commit(conn, batch.batch_id, manifest.to_json())
+            clock.lap("delete")
+        except BaseException as exc:
+            await self._abandon(transaction, batch)
+            raise _batch_error(exc, self.options.database.url) from exc
+        await self._commit(transaction, batch)
+        clock.lap("commit")
+        await self._publish(manifest)
+        clock.lap("manifest")
+        self.hook("done", batch.batch_id)
+        return last, batch.report(manifest, clock)
+
+    async def _write_and_verify(self, batch: _PlannedBatch, clock: _Stopwatch) -> list[FileRecord]:
+        encoded = await asyncio.to_thread(batch.encode)
+        clock.lap("encode")
+        marker = PendingMarker(
+            batch_id=batch.batch_id, created_at=datetime.now(UTC), keys=list(encoded)
+        )
+        await asyncio.to_thread(
+            self.storage.put, pending_key(batch.batch_id), marker.to_json().encode()
+        )
+        self.hook("marker", batch.batch_id)
+        for key, (_, _, file) in encoded.items():
+            await asyncio.to_thread(self.storage.put, key, file.data)
+        self.hook("files", batch.batch_id)
+        clock.lap("upload")
+        records = [await self._verify(key, *entry) for key, entry in encoded.items()]
+        self.hook("verified", batch.batch_id)
+        clock.lap("verify")
+        return records
+
+    async def _verify(
+        self, key: str, rows: TableRows, role: str, file: codec.EncodedFile
+    ) -> FileRecord:
+        data = await asyncio.to_thread(self.storage.get, key)
+        facts = codec.read_facts(data)
+        where = self.storage.describe(key)
+        if facts.sha256 != file.sha256:
+            raise VerificationError(f"{where} read back with different bytes than were written")
+        if facts.rows != len(rows):
+            raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(rows)}")
+        if len(set(facts.ids)) != len(facts.ids) or set(facts.ids) != set(rows.ids):
+            raise VerificationError(f"{where} does not hold exactly the primary keys selected")
+        table = rows.shape.name
+        return FileRecord(
+            table=table, key=key, rows=facts.rows, bytes=len(data), sha256=facts.sha256,
+            role="archived" if role == "archived" else "reference",
+        )  # fmt: skip
+
+    async def _abandon(self, transaction: Any, batch: _PlannedBatch) -> None:
+        """Roll back, then remove what the batch wrote. If removal fails, recovery will."""
+        with contextlib.suppress(SQLAlchemyError, OSError):
+            await transaction.rollback()  # a dead connection has rolled back already
+        try:
+            for key in batch.data_keys():
+                await asyncio.to_thread(self.storage.delete, key)
+            await asyncio.to_thread(self.storage.delete, pending_key(batch.batch_id))
+        except ArchiverError:
+            pass  # the pending marker stays; the next run's recovery removes the files
+
+    async def _commit(self, transaction: Any, batch: _PlannedBatch) -> None:
+        try:
+            await transaction.commit()
+        except (SQLAlchemyError, OSError) as exc:
+            raise DatabaseError(
+                f"COMMIT of batch {batch.batch_id} failed and may or may not have happened "
+                f"({translate_error(exc, self.options.database.url).message}); its files stay "
+                "until recovery asks the ledger",
+                hint="run `archiver recover` or `archiver run` again",
+            ) from None
+        self.hook("committed", batch.batch_id)
+
+    async def _publish(self, manifest: BatchManifest) -> None:
+        data = manifest.to_json().encode()
+        await asyncio.to_thread(self.storage.put, manifest_key(manifest.batch_id), data)
+        self.hook("manifest", manifest.batch_id)
+        await asyncio.to_thread(self.storage.delete, pending_key(manifest.batch_id))
+
+
+class _PlannedBatch:
+    """The rows of one batch and the names they will be written under."""
+
+    def __init__(self, gathered: Gathered, schema: PrefectSchema, options: RunOptions) -> None:
+        self.gathered = gathered
+        self.schema = schema
+        self.options = options
+        self.created_at = datetime.now(UTC)
+        root_ids = sorted(root.id for root in gathered.roots)
+        digest = hashlib.sha256("\n".join(root_ids).encode()).hexdigest()[:12]
+        self.batch_id = f"{self.created_at:%Y%m%dT%H%M%SZ}-{digest}"
+        months = {f"{root.end_time.astimezone(UTC):%Y-%m}" for root in gathered.roots}
+        assert len(months) == 1, "lock_roots returns roots of one month"
+        self.partition = f"month={months.pop()}"
+
+    def _tables(self) -> list[tuple[TableRows, str]]:
+        archived = [(rows, "archived") for rows in self.gathered.tables.values()]
+        references = [(rows, "reference") for rows in self.gathered.references.values()]
+        return [(rows, role) for rows, role in archived + references if len(rows)]
+
+    def data_keys(self) -> list[str]:
+        return [
+            data_key(rows.shape.name, self.partition, self.batch_id) for rows, _ in self._tables()
+        ]
+
+    def ids_by_table(self) -> dict[str, list[str]]:
+        return {table: rows.ids for table, rows in self.gathered.tables.items()}
+
+    def encode(self) -> dict[str, tuple[TableRows, str, codec.EncodedFile]]:
+        encoded = {}
+        for rows, role in self._tables():
+            metadata = {
+                "archiver.table": rows.shape.name,
+                "archiver.role": role,
+                "archiver.batch_id": self.batch_id,
+                "archiver.partition": self.partition,
+                "archiver.source_dialect": self.schema.dialect,
+                "archiver.source_revision": self.schema.revision,
+                "archiver.version": __version__,
+            }
+            key = data_key(rows.shape.name, self.partition, self.batch_id)
+            encoded[key] = (rows, role, codec.encode(rows, metadata, self.options.compression))
+        return encoded
+
+    def manifest(self, records: list[FileRecord]) -> BatchManifest:
+        end_times = [root.end_time for root in self.gathered.roots]
+        return BatchManifest(
+            batch_id=self.batch_id,
+            created_at=self.created_at,
+            cutoff=self.options.cutoff,
+            partition=self.partition,
+            source_dialect=self.schema.dialect,
+            source_revision=self.schema.revision,
+            archiver_version=__version__,
+            root_ids=sorted(root.id for root in self.gathered.roots),
+            end_time_min=min(end_times),
+            end_time_max=max(end_times),
+            files=records,
+        )
+
+    def report(self, manifest: BatchManifest, clock: _Stopwatch) -> BatchReport:
+        return BatchReport(
+            batch_id=self.batch_id,
+            partition=self.partition,
+            roots=len(self.gathered.roots),
+            skipped_roots=self.gathered.skipped_roots,
+            rows={table: len(rows) for table, rows in self.gathered.tables.items()},
+            bytes=sum(f.bytes for f in manifest.files),
+            seconds=clock.total(),
+            stages=clock.laps,
+        )
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _batch_error(exc: BaseException, url: str) -> BaseException:
+    steps = {VerificationError: "verifying the archive", DatabaseError: "deleting archived rows"}
+    if isinstance(exc, ArchiverError):
+        step = next((s for t, s in steps.items() if isinstance(exc, t)), "writing the archive")
+        return BatchError(step, exc)
+    if isinstance(exc, SQLAlchemyError | OSError):
+        return BatchError("talking to the database", translate_error(exc, url))
+    return exc  # KeyboardInterrupt, CancelledError, bugs: propagate unchanged

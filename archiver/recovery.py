@@ -1,0 +1,68 @@
+"""Resolving batches whose fate was left open by a crash.
+
+A pending marker in storage means a batch started writing and has not finished
+publishing. Its fate is whatever the ledger says, because the ledger row
+commits in the same transaction as the DELETEs:
+
+* ledger has the batch: it committed. Rewrite its manifest from the ledger
+  (idempotent) and drop the marker.
+* ledger lacks it and no transaction still holds it: it rolled back. Remove the
+  files the marker lists, then the marker.
+* still held (PostgreSQL advisory lock) by a live archiver: leave it alone.
+
+On SQLite the recovery transaction takes the write lock, which an in-flight
+batch holds for its whole life, so anything found unlocked is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from archiver.manifest import BatchManifest, PendingMarker
+from archiver.source import ledger
+from archiver.source.engine import translate_error, write_transaction_options
+from archiver.storage import PENDING_DIR, Storage, manifest_key
+
+
+async def recover(engine: AsyncEngine, storage: Storage) -> list[str]:
+    """Resolve every open batch; return one line per batch saying what was done."""
+    messages = []
+    for key in await asyncio.to_thread(storage.list, PENDING_DIR):
+        if key.endswith(".json"):
+            marker = PendingMarker.from_json(await asyncio.to_thread(storage.get, key), key)
+            message = await _resolve(engine, storage, key, marker)
+            if message:
+                messages.append(message)
+    return messages
+
+
+async def _resolve(
+    engine: AsyncEngine, storage: Storage, marker_key: str, marker: PendingMarker
+) -> str | None:
+    try:
+        async with engine.connect() as conn:
+            await write_transaction_options(conn)
+            async with conn.begin():
+                if await ledger.batch_in_flight(conn, marker.batch_id):
+                    return None
+                committed = await ledger.committed_manifest(conn, marker.batch_id)
+                # Storage work happens while we hold the batch's lock, so no second
+                # recoverer can act on the same batch at the same time.
+                return await asyncio.to_thread(_settle, storage, marker_key, marker, committed)
+    except SQLAlchemyError as exc:
+        raise translate_error(exc, str(engine.url)) from None
+
+
+def _settle(storage: Storage, marker_key: str, marker: PendingMarker, committed: str | None) -> str:
+    if committed is not None:
+        BatchManifest.from_json(committed, f"ledger entry {marker.batch_id}")  # validate first
+        storage.put(manifest_key(marker.batch_id), committed.encode())
+        storage.delete(marker_key)
+        return f"batch {marker.batch_id} had committed: wrote its missing manifest"
+    for key in marker.keys:
+        storage.delete(key)
+    storage.delete(marker_key)
+    return f"batch {marker.batch_id} had rolled back: removed {len(marker.keys)} files it wrote"

@@ -1,0 +1,1 @@
+"""The Prefect database: engines, reflection, selection of run trees, deletion, the ledger."""

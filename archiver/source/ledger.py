@@ -1,0 +1,81 @@
+"""archiver's own ledger table: the database side of the commit protocol.
+
+A batch inserts its row (batch id and manifest) in the same transaction as its
+DELETEs, so the ledger says "committed" exactly when the rows are gone. After a
+crash, a batch id found in storage but not in the ledger never committed.
+
+PostgreSQL: table ``archiver.batch`` in a schema of its own. SQLite: table
+``archiver_batch`` in the Prefect file (an attached database would not commit
+atomically with the deletes in WAL mode). In-flight batches on PostgreSQL hold a
+transaction-scoped advisory lock on their batch id, so recovery can tell a
+crashed batch from one that another archiver is still working on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+_TABLE = {"postgresql": "archiver.batch", "sqlite": "archiver_batch"}
+_CREATE = {
+    "postgresql": [
+        "CREATE SCHEMA IF NOT EXISTS archiver",
+        "CREATE TABLE IF NOT EXISTS archiver.batch (batch_id text PRIMARY KEY,"
+        " committed_at timestamptz NOT NULL DEFAULT now(), manifest text NOT NULL)",
+    ],
+    "sqlite": [
+        "CREATE TABLE IF NOT EXISTS archiver_batch (batch_id TEXT PRIMARY KEY,"
+        " committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),"
+        " manifest TEXT NOT NULL)",
+    ],
+}
+
+
+async def ensure_ledger(conn: AsyncConnection) -> None:
+    """Create the ledger if it is missing (idempotent; the caller commits)."""
+    for statement in _CREATE[conn.dialect.name]:
+        await conn.execute(text(statement))
+
+
+async def record_commit(conn: AsyncConnection, batch_id: str, manifest_json: str) -> None:
+    table = _TABLE[conn.dialect.name]
+    await conn.execute(
+        text(f"INSERT INTO {table} (batch_id, manifest) VALUES (:batch_id, :manifest)"),
+        {"batch_id": batch_id, "manifest": manifest_json},
+    )
+
+
+async def committed_manifest(conn: AsyncConnection, batch_id: str) -> str | None:
+    """The manifest a committed batch recorded, or None if it never committed."""
+    table = _TABLE[conn.dialect.name]
+    result = await conn.execute(
+        text(f"SELECT manifest FROM {table} WHERE batch_id = :batch_id"), {"batch_id": batch_id}
+    )
+    value = result.scalar()
+    return None if value is None else str(value)
+
+
+def _lock_key(batch_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(batch_id.encode()).digest()[:8], "big", signed=True)
+
+
+async def hold_batch_lock(conn: AsyncConnection, batch_id: str) -> None:
+    """Mark ``batch_id`` as in flight until this transaction ends (PostgreSQL only)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(batch_id)})
+
+
+async def batch_in_flight(conn: AsyncConnection, batch_id: str) -> bool:
+    """True if another transaction still holds ``batch_id`` (PostgreSQL only).
+
+    On SQLite a batch holds the write lock for its whole life, so a caller that
+    itself holds the write lock knows no other batch is in flight.
+    """
+    if conn.dialect.name != "postgresql":
+        return False
+    got = await conn.execute(
+        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _lock_key(batch_id)}
+    )
+    return not bool(got.scalar())

@@ -1,0 +1,253 @@
+"""Selecting expired top-level runs and gathering everything that belongs to them.
+
+One batch works inside one transaction on one connection:
+
+1. :func:`lock_roots` takes the oldest expired top-level runs of one calendar
+   month (so a batch fills exactly one Hive partition), by keyset on
+   ``(end_time, id)`` through ``ix_flow_run__end_time_desc``. On PostgreSQL the
+   rows are locked ``FOR UPDATE SKIP LOCKED``, so concurrent archivers take
+   disjoint runs; on SQLite the batch holds the write lock (``BEGIN IMMEDIATE``).
+2. :func:`gather` walks subflows at any depth, locks every flow run and task run
+   of the trees ``FOR UPDATE`` (PostgreSQL), which stops Prefect from adding
+   states, task runs or inputs under them until we commit (their foreign-key
+   checks need a KEY SHARE lock), then reads every row that belongs to them.
+   A root whose tree holds a non-terminal run is skipped whole.
+
+Logs and artifacts have no foreign keys and can still arrive; they are deleted
+by the ids read here, so a late row stays in the database for a later sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from archiver.models import Column, Kind, Root, TableRows, TableShape
+from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema
+
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+#: SQLite allows 999 bound parameters by default; PostgreSQL gets one array parameter.
+CHUNK = {"sqlite": 900, "postgresql": 20_000}
+
+_EXPIRED = (
+    "parent_task_run_id IS NULL AND end_time IS NOT NULL AND end_time < :cutoff"
+    " AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
+)
+_AFTER = " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
+
+
+@dataclass
+class Gathered:
+    """Everything one batch read: rows to archive and delete, and reference snapshots."""
+
+    roots: list[Root]
+    skipped_roots: list[str]
+    tables: dict[str, TableRows]
+    references: dict[str, TableRows] = field(default_factory=dict)
+
+    @property
+    def row_count(self) -> int:
+        return sum(len(rows) for rows in self.tables.values())
+
+
+def to_db_time(dialect: str, value: datetime) -> Any:
+    """Bind a UTC datetime the way Prefect stores it (naive text on SQLite)."""
+    value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).strftime(SQLITE_TIME_FORMAT) if dialect == "sqlite" else value
+
+
+def from_db_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+
+
+def month_start(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_month(value: datetime) -> datetime:
+    start = month_start(value)
+    return (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+
+
+async def count_expired(
+    conn: AsyncConnection, cutoff: datetime
+) -> tuple[int, datetime | None, datetime | None]:
+    """How many top-level runs are expired, with the oldest and newest end_time."""
+    sql = f"SELECT count(*), min(end_time), max(end_time) FROM flow_run WHERE {_EXPIRED}"
+    params = {"cutoff": to_db_time(conn.dialect.name, cutoff)}
+    count, oldest, newest = (await conn.execute(text(sql), params)).one()
+    return (
+        int(count),
+        from_db_time(oldest) if oldest else None,
+        from_db_time(newest) if newest else None,
+    )
+
+
+async def lock_roots(
+    conn: AsyncConnection, cutoff: datetime, limit: int, after: Root | None = None
+) -> list[Root]:
+    """Lock up to ``limit`` expired top-level runs, oldest first, all in one month."""
+    dialect = conn.dialect.name
+    params: dict[str, Any] = {"cutoff": to_db_time(dialect, cutoff), "limit": limit}
+    keyset = ""
+    if after is not None:
+        keyset = _AFTER
+        params |= {"after_time": to_db_time(dialect, after.end_time), "after_id": after.id}
+    first_sql = f"SELECT end_time FROM flow_run WHERE {_EXPIRED}{keyset} ORDER BY end_time LIMIT 1"
+    first = (await conn.execute(text(first_sql), params)).scalar()
+    if first is None:
+        return []
+    upper = min(cutoff, next_month(from_db_time(first)))
+    params["cutoff"] = to_db_time(dialect, upper)
+    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    sql = (
+        f"SELECT id, end_time FROM flow_run WHERE {_EXPIRED}{keyset}"
+        f" ORDER BY end_time, id LIMIT :limit{lock}"
+    )
+    rows = (await conn.execute(text(sql), params)).all()
+    return [Root(str(row[0]), from_db_time(row[1])) for row in rows]
+
+
+async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root]) -> Gathered:
+    """Read the whole tree of every root; skip roots whose tree is not all terminal."""
+    reader = _Reader(conn, schema)
+    tree = await reader.tree_of([root.id for root in roots])
+    flow_runs = await reader.rows("flow_run", "id", list(tree), lock=True)
+    skipped = _roots_with_live_runs(flow_runs, tree)
+    if skipped:
+        flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in skipped]
+    run_ids = flow_runs.ids
+    task_runs = await reader.rows("task_run", "flow_run_id", run_ids, lock=True)
+    task_ids = task_runs.ids
+    flow_states = await reader.rows("flow_run_state", "flow_run_id", run_ids)
+    task_states = await reader.rows("task_run_state", "task_run_id", task_ids)
+    result_artifacts = _column_values(flow_states, "result_artifact_id") | _column_values(
+        task_states, "result_artifact_id"
+    )
+    tables = {
+        "flow_run": flow_runs,
+        "task_run": task_runs,
+        "flow_run_state": flow_states,
+        "task_run_state": task_states,
+        "flow_run_input": await reader.rows("flow_run_input", "flow_run_id", run_ids),
+        "log": await reader.rows_by_any(
+            "log", [("flow_run_id", run_ids), ("task_run_id", task_ids)]
+        ),
+        "artifact": await reader.rows_by_any(
+            "artifact",
+            [("flow_run_id", run_ids), ("task_run_id", task_ids), ("id", sorted(result_artifacts))],
+        ),
+        "task_run_state_cache": await reader.rows(
+            "task_run_state_cache", "task_run_state_id", task_states.ids
+        ),
+    }
+    references = {
+        "flow": await reader.rows("flow", "id", sorted(_column_values(flow_runs, "flow_id"))),
+        "deployment": await reader.rows(
+            "deployment", "id", sorted(_column_values(flow_runs, "deployment_id"))
+        ),
+    }
+    assert set(tables) == set(TREE_TABLES) and set(references) == set(REFERENCE_TABLES)
+    kept = [root for root in roots if root.id not in skipped]
+    return Gathered(kept, sorted(skipped), tables, references)
+
+
+def _id(row: Sequence[Any]) -> str:
+    return str(row[0])
+
+
+def _roots_with_live_runs(flow_runs: TableRows, tree: dict[str, str]) -> set[str]:
+    state_index = flow_runs.shape.column_names.index("state_type")
+    return {tree[_id(row)] for row in flow_runs.rows if row[state_index] not in TERMINAL_STATES}
+
+
+def _column_values(rows: TableRows, column: str) -> set[str]:
+    index = rows.shape.column_names.index(column)
+    return {str(row[index]) for row in rows.rows if row[index] is not None}
+
+
+class _Reader:
+    """Runs the set-based reads of one batch, chunking id lists for the dialect."""
+
+    def __init__(self, conn: AsyncConnection, schema: PrefectSchema) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.dialect = conn.dialect.name
+        self.quote = conn.dialect.identifier_preparer.quote
+
+    def _in(self, column: str) -> str:
+        if self.dialect == "postgresql":
+            return f"{self.quote(column)} = ANY(:ids)"
+        return f"{self.quote(column)} IN :ids"
+
+    def _statement(self, sql: str) -> Any:
+        statement = text(sql)
+        if self.dialect == "sqlite":
+            statement = statement.bindparams(bindparam("ids", expanding=True))
+        return statement
+
+    def _chunks(self, ids: Sequence[str]) -> Iterable[list[str]]:
+        size = CHUNK[self.dialect]
+        for start in range(0, len(ids), size):
+            yield list(ids[start : start + size])
+
+    async def tree_of(self, root_ids: list[str]) -> dict[str, str]:
+        """Map every flow run in the trees (roots included) to its root id."""
+        sql = f"""
+            WITH RECURSIVE tree(id, root_id) AS (
+                SELECT id, id FROM flow_run WHERE {self._in("id")}
+                UNION ALL
+                SELECT child.id, tree.root_id FROM tree
+                JOIN task_run ON task_run.flow_run_id = tree.id
+                JOIN flow_run AS child ON child.parent_task_run_id = task_run.id
+            )
+            SELECT id, root_id FROM tree"""
+        tree: dict[str, str] = {}
+        for chunk in self._chunks(root_ids):
+            result = await self.conn.execute(self._statement(sql), {"ids": chunk})
+            tree.update((str(run_id), str(root_id)) for run_id, root_id in result.all())
+        return tree
+
+    async def rows(
+        self, table: str, column: str, ids: Sequence[str], *, lock: bool = False
+    ) -> TableRows:
+        shape = self.schema.shape(table)
+        found = TableRows(shape, self.dialect)
+        suffix = " FOR UPDATE" if lock and self.dialect == "postgresql" else ""
+        sql = f"SELECT {self._columns(shape)} FROM {table} WHERE {self._in(column)}{suffix}"
+        for chunk in self._chunks(ids):
+            result = await self.conn.execute(self._statement(sql), {"ids": chunk})
+            found.rows.extend(tuple(row) for row in result.all())
+        return found
+
+    async def rows_by_any(self, table: str, lookups: list[tuple[str, Sequence[str]]]) -> TableRows:
+        """Rows matching any of several indexed lookups, each row once (no OR scans)."""
+        by_id: dict[str, tuple[Any, ...]] = {}
+        id_index = self.schema.shape(table).id_index
+        for column, ids in lookups:
+            for row in (await self.rows(table, column, ids)).rows:
+                by_id.setdefault(str(row[id_index]), row)
+        return TableRows(self.schema.shape(table), self.dialect, list(by_id.values()))
+
+    def _columns(self, shape: TableShape) -> str:
+        return ", ".join(self._column(column) for column in shape.columns)
+
+    def _column(self, column: Column) -> str:
+        name = self.quote(column.name)
+        # asyncpg via SQLAlchemy decodes json, which would turn JSON null into SQL NULL;
+        # text keeps the document exactly. UUIDs as text skip a per-value conversion.
+        if self.dialect == "postgresql" and column.kind in (Kind.JSON, Kind.UUID):
+            return f"CAST({name} AS text) AS {name}"
+        return name
