@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from archiver.errors import VerificationError
 from archiver.models import Column, Kind, TableRows
 
 ARROW_TYPES: dict[Kind, pa.DataType] = {
@@ -100,9 +101,15 @@ def encode(rows: TableRows, metadata: Mapping[str, str], compression: str = "zst
 
 
 def read_facts(data: bytes) -> FileFacts:
-    """Row count, primary keys and metadata of a Parquet file (reads only the id column)."""
-    parquet = pq.ParquetFile(pa.BufferReader(data))
-    ids = parquet.read(columns=["id"]).column("id").to_pylist()
+    """Row count, primary keys and metadata of a Parquet file (reads only the id column).
+
+    Raises VerificationError if ``data`` is not a readable archiver Parquet file.
+    """
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        ids = parquet.read(columns=["id"]).column("id").to_pylist()
+    except (pa.ArrowException, KeyError) as exc:
+        raise VerificationError(f"not a readable Parquet file ({exc})") from None
     raw = parquet.schema_arrow.metadata or {}
     metadata = {key.decode(): value.decode() for key, value in raw.items()}
     return FileFacts(parquet.metadata.num_rows, ids, metadata, checksum(data))

@@ -275,10 +275,10 @@ class _Batcher:
         self, key: str, rows: TableRows, role: str, file: codec.EncodedFile
     ) -> FileRecord:
         data = await asyncio.to_thread(self.storage.get, key)
-        facts = codec.read_facts(data)
         where = self.storage.describe(key)
-        if facts.sha256 != file.sha256:
+        if codec.checksum(data) != file.sha256:
             raise VerificationError(f"{where} read back with different bytes than were written")
+        facts = codec.read_facts(data)
         if facts.rows != len(rows):
             raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(rows)}")
         if len(set(facts.ids)) != len(facts.ids) or set(facts.ids) != set(rows.ids):

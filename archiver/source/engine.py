@@ -123,10 +123,20 @@ async def write_transaction_options(conn: AsyncConnection) -> None:
         await conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The driver's own exception under SQLAlchemy's and the asyncpg adapter's wrappers."""
+    seen = error
+    while True:
+        inner = getattr(seen, "orig", None) or seen.__cause__
+        if inner is None or inner is seen:
+            return seen
+        seen = inner
+
+
 def translate_error(error: BaseException, url: str) -> DatabaseError:
     """Turn a driver or SQLAlchemy exception into one line with a hint."""
     where = _redact(url)
-    original = getattr(error, "orig", None) or error
+    original = _root_cause(error)
     name = type(original).__name__
     text = str(original).strip().splitlines()[0] if str(original).strip() else name
     if name in {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"}:

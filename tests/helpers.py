@@ -1,0 +1,34 @@
+"""Small helpers shared by the test modules: run archiver against the test fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from archiver import RunOptions, RunReport, run
+from archiver.pipeline import StepHook
+from archiver.source.engine import DatabaseOptions
+
+RETENTION = timedelta(days=30)
+NOW = datetime.now(UTC)
+EXPIRED = NOW - timedelta(days=40)
+RECENT = NOW - timedelta(days=2)
+
+
+def options(db: Any, storage: Any, **overrides: Any) -> RunOptions:
+    values: dict[str, Any] = {
+        "database": DatabaseOptions(db.url),
+        "storage_url": storage.url,
+        "storage_options": storage.options,
+        "retention_period": RETENTION,
+        "batch_size": 50,
+        "batch_interval": 0,
+        "dry_run": False,
+    }
+    values.update(overrides)
+    return RunOptions(**values)
+
+
+def archive(db: Any, storage: Any, hook: StepHook | None = None, **overrides: Any) -> RunReport:
+    return asyncio.run(run(options(db, storage, **overrides), hook))

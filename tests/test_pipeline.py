@@ -1,0 +1,218 @@
+"""archiver run end to end, on PostgreSQL and SQLite, to a local folder and to S3 (moto)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+
+from archiver.errors import BatchError, VerificationError
+from tests import factory
+from tests.helpers import EXPIRED, NOW, RECENT, archive
+from tests.oracle import RUN_TABLES, archived_ids, assert_archive_equals, db_rows
+
+
+def remaining(db: Any, ids_by_table: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Which of the given ids are still in the database, per table."""
+    left = {}
+    for table, ids in ids_by_table.items():
+        present = set(db_rows(db, table))
+        left[table] = ids & present
+    return left
+
+
+def union(*trees: factory.Tree) -> dict[str, set[str]]:
+    """Ids per run table of the given trees (artifact collections are not run rows)."""
+    merged: dict[str, set[str]] = {table: set() for table in RUN_TABLES}
+    for tree in trees:
+        for table in RUN_TABLES:
+            merged[table] |= set(tree.rows_by_table().get(table, ()))
+    return merged
+
+
+def test_expired_trees_archived_and_everything_else_untouched(database: Any, storage: Any) -> None:
+    expired = [factory.make_tree(database, end_time=EXPIRED - timedelta(hours=i)) for i in range(3)]
+    kept = [
+        factory.make_tree(database, end_time=RECENT),  # too young
+        factory.make_tree(database, end_time=None),  # still running
+        factory.make_tree(database, end_time=EXPIRED, state_type="SCHEDULED"),
+        factory.make_tree(database, end_time=EXPIRED, state_type="PAUSED"),
+    ]
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+
+    report = archive(database, storage)
+
+    gone = union(*expired)
+    assert report.archived_roots == 3
+    assert remaining(database, gone) == {table: set() for table in RUN_TABLES}
+    kept_ids = union(*kept)
+    after = {table: db_rows(database, table) for table in RUN_TABLES}
+    for table in RUN_TABLES:
+        assert kept_ids[table] <= set(after[table]), table
+        untouched = {i: row for i, row in before[table].items() if i not in gone[table]}
+        assert after[table] == untouched, f"{table} rows changed that were not archived"
+    assert archived_ids(storage) == gone
+    assert report.rows == {table: len(ids) for table, ids in gone.items()}
+
+
+def test_parquet_equals_deleted_rows_value_for_value(database: Any, storage: Any) -> None:
+    for i in range(2):
+        factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1,
+                          task_run_state_cache=True, keyed_artifact_key=f"report-{i}")  # fmt: skip
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+
+    archive(database, storage)
+
+    for table in RUN_TABLES:
+        assert before[table], f"the factory made no {table} rows"
+        assert_archive_equals(storage, table, before[table])
+
+
+def test_subflows_three_levels_deep_go_with_their_root(database: Any, storage: Any) -> None:
+    tree = factory.make_tree(database, end_time=EXPIRED, subflow_depth=3)
+    assert len(tree.flow_run_ids) == 4
+
+    report = archive(database, storage)
+
+    assert report.archived_roots == 1
+    assert archived_ids(storage)["flow_run"] == set(tree.flow_run_ids)
+    assert remaining(database, union(tree)) == {table: set() for table in RUN_TABLES}
+
+
+def test_tree_with_live_subflow_is_skipped_whole(database: Any, storage: Any) -> None:
+    live = factory.make_tree(
+        database, end_time=EXPIRED, subflow_depth=2, subflow_state_type="RUNNING"
+    )
+    done = factory.make_tree(database, end_time=EXPIRED - timedelta(hours=1), subflow_depth=2)
+
+    report = archive(database, storage)
+
+    assert report.skipped_roots == [live.root_id]
+    assert remaining(database, union(live)) == union(live)
+    assert archived_ids(storage)["flow_run"] == set(done.flow_run_ids)
+
+
+def test_many_batches_until_the_backlog_is_done(database: Any, storage: Any) -> None:
+    months_apart = [EXPIRED - timedelta(days=40 * (i % 2), minutes=i) for i in range(11)]
+    trees = [factory.make_tree(database, end_time=end, task_runs=1) for end in months_apart]
+
+    report = archive(database, storage, batch_size=3)
+
+    assert report.archived_roots == 11
+    assert len(report.batches) >= 4  # 11 roots in batches of at most 3, split by month
+    assert all(batch.roots <= 3 for batch in report.batches)
+    assert database.count("flow_run") == 0
+    assert archived_ids(storage)["flow_run"] == set().union(*(t.flow_run_ids for t in trees))
+    dataset = ds.dataset(
+        f"{storage.root_path}/flow_run", filesystem=storage.fs(), partitioning="hive"
+    )
+    months = set(dataset.to_table(columns=["month"]).column("month").to_pylist())
+    assert months == {f"{end:%Y-%m}" for end in months_apart}
+    manifests = [f for f in storage.list_files(".json") if "/_manifests/" in f]
+    assert len(manifests) == len(report.batches)
+    assert not [f for f in storage.list_files(".json") if "/_pending/" in f]
+
+
+def test_max_batches_stops_early(database: Any, storage: Any) -> None:
+    for i in range(5):
+        factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), task_runs=0)
+
+    report = archive(database, storage, batch_size=2, max_batches=1)
+
+    assert len(report.batches) == 1 and report.archived_roots == 2
+    assert database.count("flow_run") == 3
+
+
+def test_dry_run_deletes_and_writes_nothing(database: Any, storage: Any) -> None:
+    tree = factory.make_tree(database, end_time=EXPIRED)
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+
+    report = archive(database, storage, dry_run=True)
+
+    assert report.dry_run and report.expired_roots == 1 and not report.batches
+    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert storage.list_files("") == []
+    assert tree.root_id in before["flow_run"]
+
+
+def test_log_written_after_selection_survives(database: Any, storage: Any) -> None:
+    tree = factory.make_tree(database, end_time=EXPIRED)
+    late_log: dict[str, str] = {}
+
+    def write_late_log() -> None:  # blocks on SQLite until the batch commits
+        late_log["id"] = factory.make_log(database, flow_run_id=tree.root_id)
+
+    writer = threading.Thread(target=write_late_log)
+
+    def hook(step: str, batch_id: str) -> None:
+        if step == "gathered":
+            writer.start()
+            writer.join(timeout=0.5 if database.dialect == "sqlite" else 30)
+
+    archive(database, storage, hook=hook)
+    writer.join(timeout=30)
+
+    assert database.count("log", "id = :id", {"id": late_log["id"]}) == 1
+    assert late_log["id"] not in archived_ids(storage)["log"]
+    assert tree.root_id not in db_rows(database, "flow_run")
+
+
+def test_storage_failure_mid_batch_leaves_database_unchanged(database: Any, storage: Any) -> None:
+    factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+
+    def break_storage(step: str, batch_id: str) -> None:
+        if step == "marker":
+            storage.break_writes()  # a real backend failure, not a mock
+
+    with pytest.raises(BatchError, match="nothing was deleted"):
+        archive(database, storage, hook=break_storage)
+
+    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+
+
+def test_corrupted_read_back_rolls_back(database: Any, storage: Any) -> None:
+    factory.make_tree(database, end_time=EXPIRED)
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+
+    def corrupt(step: str, batch_id: str) -> None:
+        if step == "files":
+            victim = next(f for f in storage.list_files(".parquet") if "/log/" in f)
+            with storage.fs().open(victim, "wb") as handle:
+                handle.write(b"PAR1 not really parquet")
+
+    with pytest.raises(BatchError, match="verifying") as raised:
+        archive(database, storage, hook=corrupt)
+
+    assert isinstance(raised.value.cause, VerificationError)
+    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert storage.list_files(".parquet") == []
+
+
+def test_flow_and_deployment_are_copied_not_deleted(database: Any, storage: Any) -> None:
+    flow_id = factory.make_flow(database, name="etl")
+    deployment_id = factory.make_deployment(database, flow_id, name="nightly")
+    factory.make_tree(database, flow_id=flow_id, deployment_id=deployment_id, end_time=EXPIRED)
+
+    archive(database, storage)
+
+    assert database.count("flow", "id = :id", {"id": flow_id}) == 1
+    assert database.count("deployment", "id = :id", {"id": deployment_id}) == 1
+    flows = [f for f in storage.list_files(".parquet") if "/flow/" in f]
+    deployments = [f for f in storage.list_files(".parquet") if "/deployment/" in f]
+    assert len(flows) == 1 and len(deployments) == 1
+    names = ds.dataset(flows, filesystem=storage.fs()).to_table(columns=["name"]).to_pylist()
+    assert names == [{"name": "etl"}]
+
+
+def test_cutoff_is_exclusive_and_uses_end_time(database: Any, storage: Any) -> None:
+    boundary = factory.make_tree(database, end_time=NOW - timedelta(days=29, hours=23))
+    old = factory.make_tree(database, end_time=NOW - timedelta(days=30, minutes=5))
+
+    archive(database, storage, now=NOW)
+
+    assert archived_ids(storage)["flow_run"] == {old.root_id}
+    assert boundary.root_id in db_rows(database, "flow_run")
