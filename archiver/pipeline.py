@@ -53,7 +53,9 @@ from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
 StepHook = Callable[[str, str], None]
-STEPS = ("gathered", "marker", "files", "verified", "deleted", "committed", "manifest", "done")
+STEPS = (
+    "gathered", "marker", "file", "files", "verified", "deleted", "committed", "manifest", "done"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,7 @@ class _Batcher:
         self.hook("marker", batch.batch_id)
         for key, (_, _, file) in encoded.items():
             await asyncio.to_thread(self.storage.put, key, file.data)
+            self.hook("file", batch.batch_id)
         self.hook("files", batch.batch_id)
         clock.lap("upload")
         records = [await self._verify(key, *entry) for key, entry in encoded.items()]

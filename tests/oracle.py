@@ -5,6 +5,7 @@ Nothing here imports archiver's source or codec, so a bug there cannot hide itse
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -118,3 +119,65 @@ def assert_archive_equals(storage: Any, table: str, expected: dict[str, dict[str
                     assert got == want, (table, column)  # text kept exactly
             else:
                 assert got == want, (table, row_id, column, got, want)
+
+
+def ledger(db: Any) -> dict[str, dict[str, Any]]:
+    """Committed batches according to archiver's ledger table: batch id -> manifest."""
+    table = "archiver.batch" if db.dialect == "postgresql" else "archiver_batch"
+    exists = (
+        db.scalar("SELECT to_regclass('archiver.batch') IS NOT NULL")
+        if db.dialect == "postgresql"
+        else db.scalar("SELECT count(*) FROM sqlite_master WHERE name = 'archiver_batch'")
+    )
+    if not exists:
+        return {}
+    return {
+        row["batch_id"]: json.loads(row["manifest"])
+        for row in db.rows(f"SELECT batch_id, manifest FROM {table}")
+    }
+
+
+def committed_ids(db: Any, storage: Any) -> dict[str, list[str]]:
+    """Ids per table in the files of committed batches (a list: duplicates must show)."""
+    found: dict[str, list[str]] = {table: [] for table in RUN_TABLES}
+    fs = storage.fs()
+    for manifest in ledger(db).values():
+        for record in manifest["files"]:
+            if record["role"] != "archived":
+                continue
+            with fs.open(f"{storage.root}/{record['key']}", "rb") as handle:
+                found[record["table"]] += pq.read_table(handle, columns=["id"])["id"].to_pylist()
+    return found
+
+
+def assert_nothing_lost(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
+    """Every row that existed before is in the database or in a committed batch, once."""
+    archived = committed_ids(db, storage)
+    for table in RUN_TABLES:
+        in_db = db.ids(table)
+        counts: dict[str, int] = {}
+        for row_id in archived[table]:
+            counts[row_id] = counts.get(row_id, 0) + 1
+        assert all(n == 1 for n in counts.values()), f"{table}: a row archived twice"
+        lost = before[table] - in_db - set(counts)
+        both = before[table] & in_db & set(counts)
+        assert not lost, f"{table}: {len(lost)} rows neither in the database nor archived"
+        assert not both, f"{table}: {len(both)} rows both in the database and archived"
+
+
+def assert_archive_consistent(db: Any, storage: Any) -> None:
+    """After recovery: every committed batch has its manifest and complete files, nothing else."""
+    committed = ledger(db)
+    manifests = {
+        key.rsplit("/", 1)[1].removesuffix(".json")
+        for key in storage.keys(".json")
+        if key.startswith("_manifests/")
+    }
+    assert manifests == set(committed), "manifests in storage differ from the ledger"
+    assert not [k for k in storage.keys(".json") if k.startswith("_pending/")], "open batches left"
+    expected_files = {f["key"]: f for m in committed.values() for f in m["files"]}
+    assert set(storage.keys(".parquet")) == set(expected_files), "files not in any manifest"
+    assert not [k for k in storage.keys("") if k.endswith(".partial")], "partial writes left"
+    for key, record in expected_files.items():
+        data = storage.read_bytes(key)
+        assert hashlib.sha256(data).hexdigest() == record["sha256"], key

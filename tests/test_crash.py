@@ -1,0 +1,116 @@
+"""Nothing is lost: crash archiver at every step, recover, and account for every row.
+
+Two kinds of fault at each step of a batch (archiver.pipeline.STEPS):
+* a hard kill: ``SIGKILL`` of a child process running ``archiver run`` (no clean-up runs);
+* an exception raised in process (the batch's own error handling runs).
+After each: every row is in the database or in a committed batch, never both and never
+neither; then a second run recovers and finishes, and the archive matches its manifests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archiver.pipeline import STEPS
+from archiver.recovery import recover
+from archiver.source.engine import DatabaseOptions, create_engine
+from archiver.storage import Storage
+from tests import factory
+from tests.helpers import EXPIRED, RETENTION, archive
+from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+
+ROOT = Path(__file__).resolve().parent.parent
+CRASH_POINTS = [step for step in STEPS if step != "done"]
+
+
+def make_backlog(db: Any) -> dict[str, set[str]]:
+    """Five expired trees (two batches of two and one of one), with subflows."""
+    for i in range(5):
+        factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=i % 2)
+    return {table: db.ids(table) for table in RUN_TABLES}
+
+
+def crash_in_child(db: Any, storage: Any, step: str, occurrence: int) -> None:
+    spec = {
+        "database_url": db.url,
+        "storage_url": storage.url,
+        "storage_options": storage.options,
+        "retention_seconds": RETENTION.total_seconds(),
+        "batch_size": 2,
+        "kill_at": step,
+        "occurrence": occurrence,
+    }
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.crash_runner", json.dumps(spec)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+
+
+def finish_and_check(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
+    report = archive(db, storage, batch_size=2)
+    assert_nothing_lost(db, storage, before)
+    assert_archive_consistent(db, storage)
+    assert db.count("flow_run") == 0, "the second run did not finish the backlog"
+    assert report.recovered or report.batches
+
+
+@pytest.mark.parametrize("step", CRASH_POINTS)
+def test_sigkill_at_every_step(database: Any, storage: Any, step: str) -> None:
+    before = make_backlog(database)
+    # the second batch, so that one committed batch already sits in the archive
+    occurrence = 2 if step != "file" else 3
+
+    crash_in_child(database, storage, step, occurrence)
+
+    assert_nothing_lost(database, storage, before)
+    finish_and_check(database, storage, before)
+
+
+@pytest.mark.parametrize("step", CRASH_POINTS)
+def test_exception_at_every_step(database: Any, storage: Any, step: str) -> None:
+    before = make_backlog(database)
+
+    def fail(seen_step: str, batch_id: str) -> None:
+        if seen_step == step:
+            raise RuntimeError(f"injected fault at {step}")
+
+    with pytest.raises(RuntimeError, match="injected fault"):
+        archive(database, storage, hook=fail, batch_size=2)
+
+    assert_nothing_lost(database, storage, before)
+    finish_and_check(database, storage, before)
+
+
+def test_recover_command_resolves_a_committed_batch_without_running_another(
+    sqlite_database: Any, local_storage: Any
+) -> None:
+    before = make_backlog(sqlite_database)
+    crash_in_child(sqlite_database, local_storage, "committed", 1)
+    assert [k for k in local_storage.keys(".json") if k.startswith("_pending/")]
+
+    async def recover_only() -> list[str]:
+        engine = create_engine(DatabaseOptions(sqlite_database.url))
+        try:
+            return await recover(engine, Storage(local_storage.url, local_storage.options))
+        finally:
+            await engine.dispose()
+
+    messages = asyncio.run(recover_only())
+
+    assert len(messages) == 1 and "had committed" in messages[0]
+    assert_nothing_lost(sqlite_database, local_storage, before)
+    assert_archive_consistent(sqlite_database, local_storage)
+    assert sqlite_database.count("flow_run") > 0  # recovery archives nothing new
