@@ -151,12 +151,15 @@ async def _run(
         async with engine.connect() as conn:
             schema = await inspect_schema(conn)
             expired, oldest, newest = await count_expired(conn, cutoff)
-            if not options.dry_run:
-                await ledger.ensure_ledger(conn)
-            await conn.commit()
-    except SQLAlchemyError as exc:
-        raise translate_error(exc, url) from None
-    except OSError as exc:
+        if not options.dry_run:
+            async with engine.connect() as conn:
+                # A write in its own IMMEDIATE transaction: upgrading a SQLite read
+                # transaction to a write fails at once (SQLITE_BUSY) if another writer
+                # committed meanwhile, without waiting for busy_timeout.
+                await write_transaction_options(conn)
+                async with conn.begin():
+                    await ledger.ensure_ledger(conn)
+    except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, url) from None
     report = RunReport(options.dry_run, cutoff, expired, oldest, newest, warnings=schema.warnings)
     if options.dry_run:

@@ -16,6 +16,7 @@ are retried a bounded number of times first.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import posixpath
 from collections.abc import Callable, Iterator
@@ -106,15 +107,15 @@ class Storage:
     def delete(self, key: str) -> None:
         """Remove ``key`` (and a local partial write of it); a missing key is fine."""
         path = self.path(key)
+        doomed = [path]
+        if self.is_local:
+            folder, name = posixpath.split(path)
+            doomed.append(f"{folder}/.{name}.partial")
         with self._translate("deleting", key):
             self.fs.invalidate_cache()
-            if self.is_local:
-                folder, name = posixpath.split(path)
-                partial = f"{folder}/.{name}.partial"
-                if self.fs.exists(partial):
-                    self.fs.rm_file(partial)
-            if self.fs.exists(path):
-                self.fs.rm_file(path)
+            for victim in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(victim)
 
     @_retrying
     def list(self, folder: str) -> list[str]:

@@ -1,9 +1,11 @@
-"""Run archiver in a child process and SIGKILL it at a given step (fault injection).
+"""Run archiver in a child process, optionally SIGKILLing it at a given step.
 
     python -m tests.crash_runner '<json>'
 
 The JSON names the database and storage, the retention and batch size, and
-``kill_at``: a step name from ``archiver.pipeline.STEPS`` and which occurrence.
+optionally ``kill_at``: a step name from ``archiver.pipeline.STEPS`` and which
+``occurrence`` of it. Without ``kill_at`` the child archives the whole backlog and
+prints its report as JSON (used to run several archivers at once).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def main() -> None:
 
     def hook(step: str, batch_id: str) -> None:
         nonlocal seen
-        if step == spec["kill_at"]:
+        if step == spec.get("kill_at"):
             seen += 1
             if seen == spec.get("occurrence", 1):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -39,7 +41,9 @@ def main() -> None:
         batch_interval=0,
         dry_run=False,
     )
-    asyncio.run(run(options, hook))
+    report = asyncio.run(run(options, hook))
+    batches = [{"batch_id": b.batch_id, "roots": b.roots} for b in report.batches]
+    print(json.dumps({"batches": batches, "recovered": report.recovered}))
 
 
 if __name__ == "__main__":

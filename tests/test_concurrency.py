@@ -1,0 +1,141 @@
+"""Several archivers at once, and Prefect writing while archiver works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import factory
+from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive
+from tests.oracle import (
+    RUN_TABLES,
+    assert_archive_consistent,
+    assert_nothing_lost,
+    committed_ids,
+    ledger,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_archiver(db: Any, storage: Any, batch_size: int) -> subprocess.Popen[str]:
+    spec = {
+        "database_url": db.url,
+        "storage_url": storage.url,
+        "storage_options": storage.options,
+        "retention_seconds": RETENTION.total_seconds(),
+        "batch_size": batch_size,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.crash_runner", json.dumps(spec)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_together(db: Any, storage: Any, count: int, batch_size: int) -> list[dict[str, Any]]:
+    children = [start_archiver(db, storage, batch_size) for _ in range(count)]
+    outputs = []
+    try:
+        for child in children:
+            out, err = child.communicate(timeout=300)
+            outputs.append((child.returncode, out, err))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    for returncode, _, err in outputs:
+        assert returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for _, out, _ in outputs]
+
+
+@pytest.mark.parametrize("archivers", [2, 4])
+def test_archivers_on_postgres_share_the_backlog(
+    postgres_database: Any, local_storage: Any, archivers: int
+) -> None:
+    storage = local_storage
+    ends = [EXPIRED - timedelta(seconds=i) for i in range(1500)]
+    factory.make_trees(postgres_database, len(ends), end_time=ends, task_runs=1, logs_per_run=1)
+    before = {table: postgres_database.ids(table) for table in RUN_TABLES}
+
+    reports = run_together(postgres_database, storage, archivers, batch_size=25)
+
+    worked = [r for r in reports if r["batches"]]
+    assert len(worked) >= 2, "the archivers did not work in parallel"
+    batch_roots = [m["root_ids"] for m in ledger(postgres_database).values()]
+    all_roots = [root for roots in batch_roots for root in roots]
+    assert len(all_roots) == len(set(all_roots)) == 1500  # disjoint, and all of them
+    assert postgres_database.count("flow_run") == 0
+    assert_nothing_lost(postgres_database, storage, before)
+    assert_archive_consistent(postgres_database, storage)
+
+
+def test_archivers_on_sqlite_take_turns(sqlite_database: Any, local_storage: Any) -> None:
+    ends = [EXPIRED - timedelta(seconds=i) for i in range(300)]
+    factory.make_trees(sqlite_database, len(ends), end_time=ends, task_runs=1)
+    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+
+    run_together(sqlite_database, local_storage, 2, batch_size=20)
+
+    assert sqlite_database.count("flow_run") == 0
+    assert_nothing_lost(sqlite_database, local_storage, before)
+    assert_archive_consistent(sqlite_database, local_storage)
+
+
+class PrefectWriter(threading.Thread):
+    """Writes like a busy Prefect server: logs for old runs, new runs, logs for new runs."""
+
+    def __init__(self, db: Any, old_root_ids: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.db = db
+        self.old_root_ids = old_root_ids
+        self.stop = threading.Event()
+        self.log_ids: list[str] = []
+        self.new_trees: list[factory.Tree] = []
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set() and i < 400:
+            target = self.old_root_ids[i % len(self.old_root_ids)]
+            self.log_ids.append(factory.make_log(self.db, flow_run_id=target))
+            if i % 10 == 0:
+                tree = factory.make_tree(self.db, end_time=RECENT, task_runs=1)
+                self.new_trees.append(tree)
+                self.log_ids.append(factory.make_log(self.db, flow_run_id=tree.root_id))
+            i += 1
+            time.sleep(0.002)
+
+
+def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any) -> None:
+    trees = factory.make_trees(
+        database, 120, end_time=[EXPIRED - timedelta(minutes=i) for i in range(120)]
+    )
+    before = {table: database.ids(table) for table in RUN_TABLES}
+    writer = PrefectWriter(database, [tree.root_id for tree in trees])
+    writer.start()
+    try:
+        archive(database, storage, batch_size=10, now=NOW)
+    finally:
+        writer.stop.set()
+        writer.join(timeout=60)
+
+    assert not writer.is_alive() and writer.log_ids
+    assert_nothing_lost(database, storage, before)
+    archived_logs = set(committed_ids(database, storage)["log"])
+    in_db = database.ids("log")
+    for log_id in writer.log_ids:
+        assert (log_id in in_db) != (log_id in archived_logs), "a log written during the run"
+    new_roots = {tree.root_id for tree in writer.new_trees}
+    assert new_roots <= database.ids("flow_run"), "young runs written during the run survive"
+    assert_archive_consistent(database, storage)
