@@ -34,7 +34,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from archiver import codec
-from archiver.errors import ArchiverError, BatchError, DatabaseError, VerificationError
+from archiver.errors import (
+    ArchiverError,
+    BatchError,
+    DatabaseError,
+    StorageError,
+    VerificationError,
+)
 from archiver.manifest import BatchManifest, FileRecord, PendingMarker
 from archiver.models import Root, TableRows
 from archiver.recovery import recover
@@ -319,10 +325,18 @@ class _Batcher:
         self.hook("committed", batch.batch_id)
 
     async def _publish(self, manifest: BatchManifest) -> None:
+        """Write the manifest of a committed batch; on failure, recovery writes it later."""
         data = manifest.to_json().encode()
-        await asyncio.to_thread(self.storage.put, manifest_key(manifest.batch_id), data)
-        self.hook("manifest", manifest.batch_id)
-        await asyncio.to_thread(self.storage.delete, pending_key(manifest.batch_id))
+        try:
+            await asyncio.to_thread(self.storage.put, manifest_key(manifest.batch_id), data)
+            self.hook("manifest", manifest.batch_id)
+            await asyncio.to_thread(self.storage.delete, pending_key(manifest.batch_id))
+        except StorageError as exc:
+            raise StorageError(
+                f"batch {manifest.batch_id} is archived and committed, but writing its manifest "
+                f"failed ({exc.message}); the ledger holds it and the next run writes it",
+                hint="run `archiver recover` once storage is reachable",
+            ) from None
 
 
 class _PlannedBatch:

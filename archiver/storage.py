@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import posixpath
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -91,7 +92,8 @@ class Storage:
                 self.fs.makedirs(folder, exist_ok=True)
                 temporary = f"{folder}/.{name}.partial"
                 self.fs.pipe_file(temporary, data)
-                self.fs.mv(temporary, path)
+                # os.replace, not fs.mv: shutil.move would move *into* a folder in the way.
+                os.replace(temporary, path)
             else:
                 self.fs.pipe_file(path, data)
 
@@ -135,10 +137,8 @@ class Storage:
             self.fs.invalidate_cache()
             if self.is_local:
                 self.fs.makedirs(self.root, exist_ok=True)
-            else:
-                bucket = self.root.split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    raise FileNotFoundError(f"bucket {bucket} does not exist")
+            else:  # a real request: exists() would hide denied credentials as "missing"
+                self.fs.ls(self.root.split("/", 1)[0], detail=False)
 
     @contextmanager
     def _translate(self, action: str, key: str) -> Iterator[None]:

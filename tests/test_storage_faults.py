@@ -1,0 +1,148 @@
+"""Storage that fails for real: missing files on read-back, a manifest that cannot be written,
+a full disk, credentials the server rejects. Each batch rolls back with one clear error."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from archiver.cli import app
+from archiver.errors import BatchError, StorageError
+from tests import factory
+from tests.helpers import EXPIRED, archive
+from tests.oracle import RUN_TABLES, assert_archive_consistent, db_rows, ledger
+
+
+def snapshot(db: Any) -> dict[str, Any]:
+    return {table: db_rows(db, table) for table in RUN_TABLES}
+
+
+def test_file_missing_on_read_back_rolls_back(database: Any, storage: Any) -> None:
+    factory.make_tree(database, end_time=EXPIRED)
+    before = snapshot(database)
+
+    def lose_a_file(step: str, batch_id: str) -> None:
+        if step == "files":
+            storage.fs().rm_file(next(f for f in storage.list_files() if "/flow_run/" in f))
+
+    with pytest.raises(BatchError, match="nothing was deleted"):
+        archive(database, storage, hook=lose_a_file)
+
+    assert snapshot(database) == before
+    assert storage.list_files() == []
+
+
+def test_manifest_write_failure_after_commit_is_completed_by_the_next_run(
+    database: Any, local_storage: Any
+) -> None:
+    factory.make_tree(database, end_time=EXPIRED)
+    obstacles: list[Path] = []
+
+    def block_manifest(step: str, batch_id: str) -> None:
+        if step == "verified":  # a folder where the manifest file must go
+            obstacle = Path(local_storage.root) / "_manifests" / f"{batch_id}.json"
+            obstacle.mkdir(parents=True)
+            (obstacle / "x").write_text("in the way")
+            obstacles.append(obstacle)
+
+    with pytest.raises(StorageError, match="archived and committed, but writing its manifest"):
+        archive(database, local_storage, hook=block_manifest)
+
+    assert database.count("flow_run") == 0 and len(ledger(database)) == 1
+    for obstacle in obstacles:
+        (obstacle / "x").unlink()
+        obstacle.rmdir()
+    report = archive(database, local_storage)
+    assert report.recovered and "had committed" in report.recovered[0]
+    assert_archive_consistent(database, local_storage)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a 16 KiB tmpfs needs root: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.sqlite
+def test_full_disk_rolls_back_with_a_clear_error(sqlite_database: Any, tiny_disk: Path) -> None:
+    for _ in range(3):
+        factory.make_tree(sqlite_database, end_time=EXPIRED, logs_per_run=30, artifacts=4)
+    before = snapshot(sqlite_database)
+    storage = factory.TestStorage("local", str(tiny_disk / "archive"), {})
+
+    with pytest.raises(BatchError) as raised:
+        archive(sqlite_database, storage)
+
+    assert "no space left on the device" in str(raised.value)
+    assert "nothing was deleted" in str(raised.value) and "\n" not in str(raised.value)
+    assert snapshot(sqlite_database) == before
+
+
+@pytest.fixture(scope="module")
+def moto_with_auth() -> Iterator[str]:
+    """A second moto server, in its own process, that checks credentials (IAM mode)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.s3
+def test_wrong_s3_credentials_give_one_line_and_delete_nothing(
+    tmp_path: Path, database: Any, moto_with_auth: str
+) -> None:
+    factory.make_tree(database, end_time=EXPIRED)
+    before = snapshot(database)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'database_url = "{database.url}"\nstorage_url = "s3://archive-bucket/x"\n'
+        'retention_period = "P30D"\nenabled = true\n'
+        f'[storage_options]\nendpoint_url = "{moto_with_auth}"\nkey = "wrong"\n'
+        'secret = "wrong"\nclient_kwargs = { region_name = "us-east-1" }\n'
+    )
+
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "access denied" in lines[0] and "credentials" in lines[0]
+    assert snapshot(database) == before
