@@ -1,0 +1,54 @@
+"""Archive a database that Prefect itself wrote, by running real flows against it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import NOW, archive
+from tests.oracle import RUN_TABLES, archived_rows, assert_archive_equals, db_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_prefect_flows(db: Any, home: Path, parents: int) -> None:
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=db.url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.prefect_flows", str(parents)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_archive_what_prefect_wrote(database: Any, local_storage: Any, tmp_path: Path) -> None:
+    run_prefect_flows(database, tmp_path / "prefect-home", parents=2)
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    assert len(before["flow_run"]) == 6  # 2 parents x (1 + 2 subflows)
+    assert before["task_run"] and before["task_run_state"] and before["log"]
+
+    # Prefect's runs just ended; archive them as if two days had passed.
+    report = archive(database, local_storage, retention_period=timedelta(days=1),
+                     now=NOW + timedelta(days=2))  # fmt: skip
+
+    assert report.archived_roots == 2
+    assert report.rows == {table: len(rows) for table, rows in before.items()}
+    for table in RUN_TABLES:
+        assert database.count(table) == 0, table
+        assert_archive_equals(local_storage, table, before[table])
+    subflows = [r for r in archived_rows(local_storage, "flow_run").values()
+                if r["parent_task_run_id"]]  # fmt: skip
+    assert len(subflows) == 4
