@@ -139,3 +139,20 @@ def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any)
     new_roots = {tree.root_id for tree in writer.new_trees}
     assert new_roots <= database.ids("flow_run"), "young runs written during the run survive"
     assert_archive_consistent(database, storage)
+
+
+def test_runs_locked_by_another_archiver_are_passed_over(
+    postgres_database: Any, local_storage: Any
+) -> None:
+    older = factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(days=60))
+    newer = factory.make_tree(postgres_database, end_time=EXPIRED)
+    with postgres_database.engine.connect() as other:  # another archiver's open batch
+        other.exec_driver_sql(
+            "SELECT id FROM flow_run WHERE id = %(id)s FOR UPDATE", {"id": older.root_id}
+        )
+        report = archive(postgres_database, local_storage)
+        other.rollback()
+
+    assert report.archived_roots == 1
+    assert postgres_database.ids("flow_run") == set(older.flow_run_ids)
+    assert newer.root_id not in postgres_database.ids("flow_run")

@@ -39,6 +39,7 @@ _EXPIRED = (
     "parent_task_run_id IS NULL AND end_time IS NOT NULL AND end_time < :cutoff"
     " AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _AFTER = " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
 
 
@@ -98,26 +99,33 @@ async def count_expired(
 async def lock_roots(
     conn: AsyncConnection, cutoff: datetime, limit: int, after: Root | None = None
 ) -> list[Root]:
-    """Lock up to ``limit`` expired top-level runs, oldest first, all in one month."""
+    """Lock up to ``limit`` expired top-level runs after ``after``, oldest first, in one month.
+
+    A month whose remaining runs are all locked by other archivers is passed over.
+    """
     dialect = conn.dialect.name
-    params: dict[str, Any] = {"cutoff": to_db_time(dialect, cutoff), "limit": limit}
-    keyset = ""
+    params: dict[str, Any] = {"limit": limit, "lower": to_db_time(dialect, _EPOCH)}
+    keyset = " AND end_time >= :lower"
     if after is not None:
-        keyset = _AFTER
+        keyset += _AFTER
         params |= {"after_time": to_db_time(dialect, after.end_time), "after_id": after.id}
-    first_sql = f"SELECT end_time FROM flow_run WHERE {_EXPIRED}{keyset} ORDER BY end_time LIMIT 1"
-    first = (await conn.execute(text(first_sql), params)).scalar()
-    if first is None:
-        return []
-    upper = min(cutoff, next_month(from_db_time(first)))
-    params["cutoff"] = to_db_time(dialect, upper)
     lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    first_sql = f"SELECT end_time FROM flow_run WHERE {_EXPIRED}{keyset} ORDER BY end_time LIMIT 1"
     sql = (
         f"SELECT id, end_time FROM flow_run WHERE {_EXPIRED}{keyset}"
         f" ORDER BY end_time, id LIMIT :limit{lock}"
     )
-    rows = (await conn.execute(text(sql), params)).all()
-    return [Root(str(row[0]), from_db_time(row[1])) for row in rows]
+    while True:
+        params["cutoff"] = to_db_time(dialect, cutoff)
+        first = (await conn.execute(text(first_sql), params)).scalar()
+        if first is None:
+            return []
+        upper = min(cutoff, next_month(from_db_time(first)))
+        params["cutoff"] = to_db_time(dialect, upper)
+        rows = (await conn.execute(text(sql), params)).all()
+        if rows:
+            return [Root(str(row[0]), from_db_time(row[1])) for row in rows]
+        params["lower"] = params["cutoff"]
 
 
 async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root]) -> Gathered:
