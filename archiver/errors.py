@@ -8,6 +8,7 @@ ever catch ``ArchiverError``.
     ArchiverError
     ├── ConfigError          bad settings: fix the config or the environment
     ├── DatabaseError        cannot connect, wrong credentials, query failed
+    │   ├── TransientDatabaseError  the connection dropped mid-batch (worth a retry)
     │   └── SchemaError      not a Prefect database, or one archiver does not understand
     ├── StorageError         cannot write, read or list the archive storage
     │   └── VerificationError  what storage holds differs from what was written
@@ -36,6 +37,10 @@ class ConfigError(ArchiverError):
 
 class DatabaseError(ArchiverError):
     """The database could not be reached or a statement failed."""
+
+
+class TransientDatabaseError(DatabaseError):
+    """The connection was lost or the server restarted; retrying the batch may succeed."""
 
 
 class SchemaError(DatabaseError):

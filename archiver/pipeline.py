@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from archiver import codec
 from archiver.errors import (
@@ -39,13 +40,14 @@ from archiver.errors import (
     BatchError,
     DatabaseError,
     StorageError,
+    TransientDatabaseError,
     VerificationError,
 )
 from archiver.manifest import BatchManifest, FileRecord, PendingMarker
 from archiver.models import Root, TableRows
 from archiver.recovery import recover
 from archiver.source import ledger
-from archiver.source.deletion import delete_archived
+from archiver.source.deletion import DeleteMismatch, delete_archived
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -76,6 +78,7 @@ class RunOptions:
     batch_interval: float = 0.5
     max_batches: int | None = None
     compression: str = "zstd"
+    batch_attempts: int = 3  # tries per batch when it fails for a transient reason
     dry_run: bool = True
     now: datetime | None = None  # the clock, for tests; default: the current UTC time
 
@@ -216,7 +219,23 @@ class _Batcher:
         self.hook = hook
 
     async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
-        """Archive the next batch after ``after``; None when nothing is left."""
+        """Archive the next batch after ``after``; None when nothing is left.
+
+        A batch that failed for a transient reason (lost connection, rows changed
+        under it) was rolled back whole, so it is simply tried again, a few times.
+        """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(self.options.batch_attempts),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(after)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _attempt(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         try:
             async with self.engine.connect() as conn:
                 await write_transaction_options(conn)
@@ -424,6 +443,12 @@ class _Stopwatch:
 
     def total(self) -> float:
         return time.monotonic() - self.start
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, BatchError) and isinstance(
+        exc.cause, TransientDatabaseError | DeleteMismatch
+    )
 
 
 def _batch_error(exc: BaseException, url: str) -> BaseException:

@@ -15,7 +15,9 @@ import json
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 from archiver import RunOptions, run
 from archiver.source.engine import DatabaseOptions
@@ -41,6 +43,10 @@ def main() -> None:
         batch_interval=0,
         dry_run=False,
     )
+    if "start_file" in spec:  # line up with the other archivers, imports done
+        Path(f"{spec['start_file']}.{os.getpid()}.ready").touch()
+        while not Path(spec["start_file"]).exists():
+            time.sleep(0.01)
     report = asyncio.run(run(options, hook))
     batches = [{"batch_id": b.batch_id, "roots": b.roots} for b in report.batches]
     print(json.dumps({"batches": batches, "recovered": report.recovered}))

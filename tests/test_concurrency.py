@@ -26,8 +26,11 @@ from tests.oracle import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_archiver(db: Any, storage: Any, batch_size: int) -> subprocess.Popen[str]:
+def start_archiver(
+    db: Any, storage: Any, batch_size: int, start_file: Path
+) -> subprocess.Popen[str]:
     spec = {
+        "start_file": str(start_file),
         "database_url": db.url,
         "storage_url": storage.url,
         "storage_options": storage.options,
@@ -43,10 +46,18 @@ def start_archiver(db: Any, storage: Any, batch_size: int) -> subprocess.Popen[s
     )
 
 
-def run_together(db: Any, storage: Any, count: int, batch_size: int) -> list[dict[str, Any]]:
-    children = [start_archiver(db, storage, batch_size) for _ in range(count)]
+def run_together(
+    db: Any, storage: Any, count: int, batch_size: int, tmp_path: Path
+) -> list[dict[str, Any]]:
+    """Start ``count`` archiver processes and let them go at the same moment."""
+    start_file = tmp_path / "go"
+    children = [start_archiver(db, storage, batch_size, start_file) for _ in range(count)]
     outputs = []
     try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.*.ready"))) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        start_file.touch()
         for child in children:
             out, err = child.communicate(timeout=300)
             outputs.append((child.returncode, out, err))
@@ -62,14 +73,14 @@ def run_together(db: Any, storage: Any, count: int, batch_size: int) -> list[dic
 
 @pytest.mark.parametrize("archivers", [2, 4])
 def test_archivers_on_postgres_share_the_backlog(
-    postgres_database: Any, local_storage: Any, archivers: int
+    postgres_database: Any, local_storage: Any, archivers: int, tmp_path: Path
 ) -> None:
     storage = local_storage
     ends = [EXPIRED - timedelta(seconds=i) for i in range(1500)]
     factory.make_trees(postgres_database, len(ends), end_time=ends, task_runs=1, logs_per_run=1)
     before = {table: postgres_database.ids(table) for table in RUN_TABLES}
 
-    reports = run_together(postgres_database, storage, archivers, batch_size=25)
+    reports = run_together(postgres_database, storage, archivers, 25, tmp_path)
 
     worked = [r for r in reports if r["batches"]]
     assert len(worked) >= 2, "the archivers did not work in parallel"
@@ -81,12 +92,14 @@ def test_archivers_on_postgres_share_the_backlog(
     assert_archive_consistent(postgres_database, storage)
 
 
-def test_archivers_on_sqlite_take_turns(sqlite_database: Any, local_storage: Any) -> None:
+def test_archivers_on_sqlite_take_turns(
+    sqlite_database: Any, local_storage: Any, tmp_path: Path
+) -> None:
     ends = [EXPIRED - timedelta(seconds=i) for i in range(300)]
     factory.make_trees(sqlite_database, len(ends), end_time=ends, task_runs=1)
     before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
 
-    run_together(sqlite_database, local_storage, 2, batch_size=20)
+    run_together(sqlite_database, local_storage, 2, 20, tmp_path)
 
     assert sqlite_database.count("flow_run") == 0
     assert_nothing_lost(sqlite_database, local_storage, before)

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from archiver.cli import app
 from archiver.errors import BatchError, StorageError
 from tests import factory
 from tests.helpers import EXPIRED, archive
-from tests.oracle import RUN_TABLES, assert_archive_consistent, db_rows, ledger
+from tests.oracle import (
+    RUN_TABLES,
+    assert_archive_consistent,
+    assert_nothing_lost,
+    db_rows,
+    ledger,
+)
 
 
 def snapshot(db: Any) -> dict[str, Any]:
@@ -146,3 +153,29 @@ def test_wrong_s3_credentials_give_one_line_and_delete_nothing(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "access denied" in lines[0] and "credentials" in lines[0]
     assert snapshot(database) == before
+
+
+@pytest.mark.postgres
+def test_lost_database_connection_mid_batch_is_retried(
+    postgres_database: Any, storage: Any
+) -> None:
+    for i in range(3):
+        factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(minutes=i))
+    before = {table: postgres_database.ids(table) for table in RUN_TABLES}
+    killed: list[int] = []
+
+    def kill_connection(step: str, batch_id: str) -> None:
+        if step == "verified" and not killed:  # the server drops archiver's session
+            killed.append(
+                postgres_database.scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'archiver' AND datname = current_database()"
+                )
+            )
+
+    report = archive(postgres_database, storage, hook=kill_connection)
+
+    assert killed and killed[0] >= 1
+    assert report.archived_roots == 3 and postgres_database.count("flow_run") == 0
+    assert_nothing_lost(postgres_database, storage, before)
+    assert_archive_consistent(postgres_database, storage)

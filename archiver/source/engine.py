@@ -23,7 +23,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from archiver.errors import ConfigError, DatabaseError
+from archiver.errors import ConfigError, DatabaseError, TransientDatabaseError
 
 SQLITE_BEGIN_OPTION = "archiver_sqlite_begin"
 
@@ -123,6 +123,16 @@ async def write_transaction_options(conn: AsyncConnection) -> None:
         await conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
 
 
+_CONNECTION_LOST = {
+    "ConnectionDoesNotExistError",
+    "ConnectionFailureError",
+    "AdminShutdownError",
+    "CannotConnectNowError",
+    "ConnectionResetError",
+    "BrokenPipeError",
+}
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The driver's own exception under SQLAlchemy's and the asyncpg adapter's wrappers."""
     seen = error
@@ -148,6 +158,11 @@ def translate_error(error: BaseException, url: str) -> DatabaseError:
         return DatabaseError(
             f"database does not exist at {where}: {text}",
             hint="check the database name in database_url",
+        )
+    if name in _CONNECTION_LOST or str(getattr(original, "sqlstate", "")).startswith("08"):
+        return TransientDatabaseError(
+            f"lost the connection to the database at {where}: {text}",
+            hint="check the database server; the batch was retried and still failed",
         )
     if isinstance(original, ConnectionRefusedError | socket.gaierror | TimeoutError | OSError):
         return DatabaseError(

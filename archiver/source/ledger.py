@@ -21,6 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 _TABLE = {"postgresql": "archiver.batch", "sqlite": "archiver_batch"}
 _CREATE = {
     "postgresql": [
+        # IF NOT EXISTS is not safe against a concurrent CREATE (a unique violation in
+        # pg_namespace); archivers starting together take turns on this lock.
+        "SELECT pg_advisory_xact_lock(7351642991)",
         "CREATE SCHEMA IF NOT EXISTS archiver",
         "CREATE TABLE IF NOT EXISTS archiver.batch (batch_id text PRIMARY KEY,"
         " committed_at timestamptz NOT NULL DEFAULT now(), manifest text NOT NULL)",
