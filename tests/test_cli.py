@@ -179,3 +179,14 @@ def test_help_for_every_command() -> None:
     for command in ("run", "recover"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_missing_end_time_index_is_reported(
+    tmp_path: Path, database: Any, local_storage: Any
+) -> None:
+    database.execute("DROP INDEX ix_flow_run__end_time_desc")
+
+    result = invoke("run", "--config", str(config_for(tmp_path, database, local_storage)))
+
+    assert result.exit_code == 0, result.output
+    assert "warning: flow_run has no index on end_time" in result.stderr

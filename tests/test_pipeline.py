@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from datetime import timedelta
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from archiver.errors import BatchError, VerificationError
@@ -216,3 +220,28 @@ def test_cutoff_is_exclusive_and_uses_end_time(database: Any, storage: Any) -> N
 
     assert archived_ids(storage)["flow_run"] == {old.root_id}
     assert boundary.root_id in db_rows(database, "flow_run")
+
+
+def test_files_and_manifest_describe_themselves(database: Any, storage: Any) -> None:
+    factory.make_tree(database, end_time=EXPIRED)
+
+    report = archive(database, storage)
+
+    (batch,) = report.batches
+    revision = database.scalar("SELECT version_num FROM alembic_version")
+    manifest = json.loads(storage.read_bytes(f"_manifests/{batch.batch_id}.json"))
+    assert manifest["batch_id"] == batch.batch_id
+    assert manifest["source_dialect"] == database.dialect
+    assert manifest["source_revision"] == revision
+    assert manifest["partition"] == f"month={EXPIRED:%Y-%m}"
+    for record in manifest["files"]:
+        data = storage.read_bytes(record["key"])
+        assert record["bytes"] == len(data)
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+        metadata = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata
+        assert metadata[b"archiver.table"].decode() == record["table"]
+        assert metadata[b"archiver.batch_id"].decode() == batch.batch_id
+        assert metadata[b"archiver.source_revision"].decode() == revision
+        assert pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows == record["rows"]
+    archived = {r["table"]: r["rows"] for r in manifest["files"] if r["role"] == "archived"}
+    assert archived == {table: n for table, n in batch.rows.items() if n}
