@@ -4,7 +4,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: test run demo services lint bench
+.PHONY: test run demo services lint
+DEMO ?= demo
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +31,15 @@ test: $(BIN)/.installed services lint
 
 run: $(BIN)/.installed
 	$(BIN)/archiver run $(ARGS)
+
+# A fresh machine has no Prefect database: make one in $(DEMO)/ the way Prefect's
+# embedded server lays it out (schema from Prefect's own migrations, a year of runs),
+# then archive it with the embedded defaults (PREFECT_HOME=$(DEMO)).
+demo: $(BIN)/.installed
+	@mkdir -p $(DEMO)
+	@test -f $(DEMO)/prefect.db || $(BIN)/python -m benchmarks.generate -q --create-schema \
+	  --database-url sqlite:///$(DEMO)/prefect.db --runs 2000
+	PREFECT_HOME=$(DEMO) $(BIN)/archiver run --yes $(ARGS)
+	$(BIN)/python -c "import duckdb; print(duckdb.sql(\"SELECT month, count(*) AS flow_runs \
+	  FROM read_parquet('$(DEMO)/archive/flow_run/*/*.parquet', hive_partitioning = true) \
+	  GROUP BY month ORDER BY month\"))"

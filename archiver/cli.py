@@ -100,6 +100,13 @@ async def _recover(settings: Settings) -> list[str]:
 
 
 def _fail(exc: ArchiverError) -> None:
+    done = exc.partial_report
+    if isinstance(done, RunReport) and done.batches:
+        out.print(
+            f"before the error, {len(done.batches)} batches ({done.archived_roots} runs) "
+            "were archived, verified and committed",
+            markup=False, highlight=False,
+        )  # fmt: skip
     err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 

@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from archiver.errors import VerificationError
+from archiver.errors import ArchiverError, VerificationError
 from archiver.models import Column, Kind, TableRows
 
 ARROW_TYPES: dict[Kind, pa.DataType] = {
@@ -40,8 +40,9 @@ ARROW_TYPES: dict[Kind, pa.DataType] = {
     Kind.INTERVAL: pa.duration("us"),
     Kind.JSON: pa.string(),
     Kind.BOOLEAN: pa.bool_(),
-    Kind.INT16: pa.int16(),
-    Kind.INT32: pa.int32(),
+    # int64 for every integer: SQLite does not enforce SMALLINT or INTEGER widths.
+    Kind.INT16: pa.int64(),
+    Kind.INT32: pa.int64(),
     Kind.INT64: pa.int64(),
     Kind.FLOAT: pa.float64(),
     Kind.STRING: pa.string(),
@@ -79,10 +80,15 @@ def checksum(data: bytes) -> str:
 def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
     """Column-wise conversion of driver rows to an Arrow table with the archive's types."""
     columns = list(zip(*rows.rows, strict=True)) if rows.rows else [()] * len(rows.shape.columns)
-    arrays = [
-        _array(column, list(values), rows.dialect)
-        for column, values in zip(rows.shape.columns, columns, strict=True)
-    ]
+    arrays = []
+    for column, values in zip(rows.shape.columns, columns, strict=True):
+        try:
+            arrays.append(_array(column, list(values)))
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ArchiverError(
+                f"cannot archive {rows.shape.name}.{column.name} as {column.kind}: {exc}",
+                hint="report this value to the archiver maintainers; nothing was deleted",
+            ) from None
     fields = [
         pa.field(column.name, ARROW_TYPES[column.kind], metadata={"archiver.kind": column.kind})
         for column in rows.shape.columns
@@ -115,7 +121,7 @@ def read_facts(data: bytes) -> FileFacts:
     return FileFacts(parquet.metadata.num_rows, ids, metadata, checksum(data))
 
 
-def _array(column: Column, values: list[Any], dialect: str) -> pa.Array:
+def _array(column: Column, values: list[Any]) -> pa.Array:
     kind = column.kind
     if kind is Kind.JSON:
         return pa.array([_json_text(v) for v in values], pa.string())

@@ -8,7 +8,8 @@ ever catch ``ArchiverError``.
     ArchiverError
     ├── ConfigError          bad settings: fix the config or the environment
     ├── DatabaseError        cannot connect, wrong credentials, query failed
-    │   ├── TransientDatabaseError  the connection dropped mid-batch (worth a retry)
+    │   ├── TransientDatabaseError  connection lost, deadlock, rows changed (worth a retry)
+    │   │   └── ConcurrentChange   rows under the batch changed while it ran
     │   └── SchemaError      not a Prefect database, or one archiver does not understand
     ├── StorageError         cannot write, read or list the archive storage
     │   └── VerificationError  what storage holds differs from what was written
@@ -16,6 +17,8 @@ ever catch ``ArchiverError``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ArchiverError(Exception):
@@ -25,6 +28,8 @@ class ArchiverError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: What a run had done before it failed (a RunReport), for the CLI to show.
+        self.partial_report: Any = None
 
     def __str__(self) -> str:
         text = self.message.rstrip(".")
@@ -41,6 +46,10 @@ class DatabaseError(ArchiverError):
 
 class TransientDatabaseError(DatabaseError):
     """The connection was lost or the server restarted; retrying the batch may succeed."""
+
+
+class ConcurrentChange(TransientDatabaseError):
+    """Rows under a batch changed while it ran; the batch rolled back and can be retried."""
 
 
 class SchemaError(DatabaseError):
@@ -61,7 +70,7 @@ class BatchError(ArchiverError):
     def __init__(self, step: str, cause: ArchiverError) -> None:
         super().__init__(
             f"batch failed while {step}: {cause.message.rstrip('.')}; "
-            "the batch was rolled back and nothing was deleted",
+            "the batch was rolled back and nothing in it was deleted",
             hint=cause.hint,
         )
         self.step = step

@@ -41,6 +41,7 @@ class BatchManifest(BaseModel):
 
     format_version: int = FORMAT_VERSION
     batch_id: str
+    source_id: str
     created_at: datetime
     cutoff: datetime
     partition: str
@@ -65,7 +66,8 @@ class BatchManifest(BaseModel):
         except ValidationError as exc:
             raise VerificationError(
                 f"{where} is not a valid archiver manifest: {exc.errors()[0]['msg']}",
-                hint="run `archiver verify` to list damaged batches",
+                hint="restore the manifest from the ledger table (archiver.batch / "
+                "archiver_batch), which holds every committed manifest",
             ) from None
 
 
@@ -73,6 +75,7 @@ class PendingMarker(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     batch_id: str
+    source_id: str
     created_at: datetime
     keys: list[str]
 

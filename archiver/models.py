@@ -47,14 +47,11 @@ class TableShape:
 
 @dataclass
 class TableRows:
-    """Rows of one table as the driver returned them (values not yet normalised).
-
-    ``dialect`` says how to read the raw values: SQLite hands back text for
-    timestamps, UUIDs and intervals, PostgreSQL native Python objects.
+    """Rows of one table as the driver returned them (values not yet normalised:
+    SQLite hands back text for timestamps and intervals, PostgreSQL Python objects).
     """
 
     shape: TableShape
-    dialect: str
     rows: list[tuple[Any, ...]] = field(default_factory=list)
 
     @property

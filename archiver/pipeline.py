@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,9 +45,9 @@ from archiver.errors import (
 )
 from archiver.manifest import BatchManifest, FileRecord, PendingMarker
 from archiver.models import Root, TableRows
-from archiver.recovery import recover
+from archiver.recovery import ensure_source, recover
 from archiver.source import ledger
-from archiver.source.deletion import DeleteMismatch, delete_archived
+from archiver.source.deletion import delete_archived
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -61,6 +61,7 @@ from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
 StepHook = Callable[[str, str], None]
+Role = Literal["archived", "reference"]
 STEPS = (
     "gathered", "marker", "file", "files", "verified", "deleted", "committed", "manifest", "done"
 )  # fmt: skip
@@ -136,6 +137,7 @@ async def run(options: RunOptions, hook: StepHook | None = None) -> RunReport:
     ArchiverError subclasses; a failed batch is rolled back before raising.
     """
     started = time.monotonic()
+    options = replace(options, now=options.now or datetime.now(UTC))  # one cutoff per run
     storage = Storage(options.storage_url, options.storage_options)
     await asyncio.to_thread(storage.check_reachable)
     engine = create_engine(options.database)
@@ -160,33 +162,22 @@ async def _run(
         async with engine.connect() as conn:
             schema = await inspect_schema(conn)
             expired, oldest, newest = await count_expired(conn, cutoff)
-        if not options.dry_run:
-            async with engine.connect() as conn:
-                # A write in its own IMMEDIATE transaction: upgrading a SQLite read
-                # transaction to a write fails at once (SQLITE_BUSY) if another writer
-                # committed meanwhile, without waiting for busy_timeout.
-                await write_transaction_options(conn)
-                async with conn.begin():
-                    await ledger.ensure_ledger(conn)
     except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, url) from None
     report = RunReport(options.dry_run, cutoff, expired, oldest, newest, warnings=schema.warnings)
     if options.dry_run:
         return report
+    source_id = await ensure_source(engine)
     report.recovered = await recover(engine, storage)
-    await _loop(engine, storage, schema, options, hook, report)
+    try:
+        await _loop(_Batcher(engine, storage, schema, options, hook, source_id), options, report)
+    except ArchiverError as exc:
+        exc.partial_report = report
+        raise
     return report
 
 
-async def _loop(
-    engine: AsyncEngine,
-    storage: Storage,
-    schema: PrefectSchema,
-    options: RunOptions,
-    hook: StepHook,
-    report: RunReport,
-) -> None:
-    batcher = _Batcher(engine, storage, schema, options, hook)
+async def _loop(batcher: _Batcher, options: RunOptions, report: RunReport) -> None:
     after: Root | None = None
     while options.max_batches is None or len(report.batches) < options.max_batches:
         outcome = await batcher.run_one(after)
@@ -211,12 +202,14 @@ class _Batcher:
         schema: PrefectSchema,
         options: RunOptions,
         hook: StepHook,
+        source_id: str,
     ) -> None:
         self.engine = engine
         self.storage = storage
         self.schema = schema
         self.options = options
         self.hook = hook
+        self.source_id = source_id
 
     async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
@@ -230,10 +223,7 @@ class _Batcher:
             wait=wait_exponential(multiplier=0.5, max=10),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._attempt(after)
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        return await retrying(self._attempt, after)
 
     async def _attempt(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         try:
@@ -262,7 +252,7 @@ class _Batcher:
         if not gathered.roots:
             await transaction.rollback()
             return last, None
-        batch = _PlannedBatch(gathered, self.schema, self.options)
+        batch = _PlannedBatch(gathered, self.schema, self.options, self.source_id)
         await ledger.hold_batch_lock(conn, batch.batch_id)
         self.hook("gathered", batch.batch_id)
         try:
@@ -286,7 +276,10 @@ class _Batcher:
         encoded = await asyncio.to_thread(batch.encode)
         clock.lap("encode")
         marker = PendingMarker(
-            batch_id=batch.batch_id, created_at=datetime.now(UTC), keys=list(encoded)
+            batch_id=batch.batch_id,
+            source_id=self.source_id,
+            created_at=datetime.now(UTC),
+            keys=list(encoded),
         )
         await asyncio.to_thread(
             self.storage.put, pending_key(batch.batch_id), marker.to_json().encode()
@@ -303,7 +296,7 @@ class _Batcher:
         return records
 
     async def _verify(
-        self, key: str, rows: TableRows, role: str, file: codec.EncodedFile
+        self, key: str, rows: TableRows, role: Role, file: codec.EncodedFile
     ) -> FileRecord:
         data = await asyncio.to_thread(self.storage.get, key)
         where = self.storage.describe(key)
@@ -314,22 +307,25 @@ class _Batcher:
             raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(rows)}")
         if len(set(facts.ids)) != len(facts.ids) or set(facts.ids) != set(rows.ids):
             raise VerificationError(f"{where} does not hold exactly the primary keys selected")
-        table = rows.shape.name
         return FileRecord(
-            table=table, key=key, rows=facts.rows, bytes=len(data), sha256=facts.sha256,
-            role="archived" if role == "archived" else "reference",
+            table=rows.shape.name, key=key, rows=facts.rows, bytes=len(data),
+            sha256=facts.sha256, role=role,
         )  # fmt: skip
 
     async def _abandon(self, transaction: Any, batch: _PlannedBatch) -> None:
-        """Roll back, then remove what the batch wrote. If removal fails, recovery will."""
-        with contextlib.suppress(SQLAlchemyError, OSError):
-            await transaction.rollback()  # a dead connection has rolled back already
+        """Remove what the batch wrote, then roll back. If removal fails, recovery will.
+
+        Files go first, while the batch still holds its locks: after the rollback
+        another archiver may take the same runs at once.
+        """
         try:
             for key in batch.data_keys():
                 await asyncio.to_thread(self.storage.delete, key)
             await asyncio.to_thread(self.storage.delete, pending_key(batch.batch_id))
         except ArchiverError:
             pass  # the pending marker stays; the next run's recovery removes the files
+        with contextlib.suppress(SQLAlchemyError, OSError):
+            await transaction.rollback()  # a dead connection has rolled back already
 
     async def _commit(self, transaction: Any, batch: _PlannedBatch) -> None:
         try:
@@ -361,34 +357,38 @@ class _Batcher:
 class _PlannedBatch:
     """The rows of one batch and the names they will be written under."""
 
-    def __init__(self, gathered: Gathered, schema: PrefectSchema, options: RunOptions) -> None:
+    def __init__(
+        self, gathered: Gathered, schema: PrefectSchema, options: RunOptions, source_id: str
+    ) -> None:
         self.gathered = gathered
         self.schema = schema
         self.options = options
+        self.source_id = source_id
         self.created_at = datetime.now(UTC)
-        root_ids = sorted(root.id for root in gathered.roots)
-        digest = hashlib.sha256("\n".join(root_ids).encode()).hexdigest()[:12]
-        self.batch_id = f"{self.created_at:%Y%m%dT%H%M%SZ}-{digest}"
+        # Sortable by time, and unique: two attempts at the same runs never share a name.
+        self.batch_id = f"{self.created_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
         months = {f"{root.end_time.astimezone(UTC):%Y-%m}" for root in gathered.roots}
         assert len(months) == 1, "lock_roots returns roots of one month"
         self.partition = f"month={months.pop()}"
-
-    def _tables(self) -> list[tuple[TableRows, str]]:
-        archived = [(rows, "archived") for rows in self.gathered.tables.values()]
-        references = [(rows, "reference") for rows in self.gathered.references.values()]
-        return [(rows, role) for rows, role in archived + references if len(rows)]
+        tables: list[tuple[TableRows, Role]] = [
+            *((rows, "archived") for rows in gathered.tables.values()),
+            *((rows, "reference") for rows in gathered.references.values()),
+        ]
+        self.files = {
+            data_key(rows.shape.name, self.partition, self.batch_id): (rows, role)
+            for rows, role in tables
+            if len(rows)
+        }
 
     def data_keys(self) -> list[str]:
-        return [
-            data_key(rows.shape.name, self.partition, self.batch_id) for rows, _ in self._tables()
-        ]
+        return list(self.files)
 
     def ids_by_table(self) -> dict[str, list[str]]:
         return {table: rows.ids for table, rows in self.gathered.tables.items()}
 
-    def encode(self) -> dict[str, tuple[TableRows, str, codec.EncodedFile]]:
+    def encode(self) -> dict[str, tuple[TableRows, Role, codec.EncodedFile]]:
         encoded = {}
-        for rows, role in self._tables():
+        for key, (rows, role) in self.files.items():
             metadata = {
                 "archiver.table": rows.shape.name,
                 "archiver.role": role,
@@ -397,8 +397,8 @@ class _PlannedBatch:
                 "archiver.source_dialect": self.schema.dialect,
                 "archiver.source_revision": self.schema.revision,
                 "archiver.version": __version__,
+                "archiver.source_id": self.source_id,
             }
-            key = data_key(rows.shape.name, self.partition, self.batch_id)
             encoded[key] = (rows, role, codec.encode(rows, metadata, self.options.compression))
         return encoded
 
@@ -406,6 +406,7 @@ class _PlannedBatch:
         end_times = [root.end_time for root in self.gathered.roots]
         return BatchManifest(
             batch_id=self.batch_id,
+            source_id=self.source_id,
             created_at=self.created_at,
             cutoff=self.options.cutoff,
             partition=self.partition,
@@ -446,16 +447,16 @@ class _Stopwatch:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, BatchError) and isinstance(
-        exc.cause, TransientDatabaseError | DeleteMismatch
-    )
+    return isinstance(exc, BatchError) and isinstance(exc.cause, TransientDatabaseError)
 
 
 def _batch_error(exc: BaseException, url: str) -> BaseException:
-    steps = {VerificationError: "verifying the archive", DatabaseError: "deleting archived rows"}
+    if isinstance(exc, VerificationError):
+        return BatchError("verifying the archive", exc)
+    if isinstance(exc, DatabaseError):
+        return BatchError("deleting archived rows", exc)
     if isinstance(exc, ArchiverError):
-        step = next((s for t, s in steps.items() if isinstance(exc, t)), "writing the archive")
-        return BatchError(step, exc)
+        return BatchError("writing the archive", exc)
     if isinstance(exc, SQLAlchemyError | OSError):
         return BatchError("talking to the database", translate_error(exc, url))
     return exc  # KeyboardInterrupt, CancelledError, bugs: propagate unchanged

@@ -9,6 +9,8 @@ commits in the same transaction as the DELETEs:
 * ledger lacks it and no transaction still holds it: it rolled back. Remove the
   files the marker lists, then the marker.
 * still held (PostgreSQL advisory lock) by a live archiver: leave it alone.
+* written by archiver on another database (another source id): leave it alone;
+  only that database's ledger can tell its fate.
 
 On SQLite the recovery transaction takes the write lock, which an in-flight
 batch holds for its whole life, so anything found unlocked is abandoned.
@@ -28,32 +30,51 @@ from archiver.storage import PENDING_DIR, Storage, manifest_key
 
 
 async def recover(engine: AsyncEngine, storage: Storage) -> list[str]:
-    """Resolve every open batch; return one line per batch saying what was done."""
-    messages = []
-    for key in await asyncio.to_thread(storage.list, PENDING_DIR):
-        if key.endswith(".json"):
+    """Resolve every open batch of this database; return one line per batch it touched."""
+    source_id = await ensure_source(engine)
+    try:
+        messages = []
+        for key in await asyncio.to_thread(storage.list, PENDING_DIR):
+            if not key.endswith(".json"):
+                continue
             marker = PendingMarker.from_json(await asyncio.to_thread(storage.get, key), key)
+            if marker.source_id != source_id:
+                messages.append(f"batch {marker.batch_id} belongs to another database: left alone")
+                continue
             message = await _resolve(engine, storage, key, marker)
             if message:
                 messages.append(message)
-    return messages
+        return messages
+    except SQLAlchemyError as exc:
+        raise translate_error(exc, str(engine.url)) from None
+
+
+async def ensure_source(engine: AsyncEngine) -> str:
+    """Create the ledger if needed; return this database's source id."""
+    try:
+        async with engine.connect() as conn:
+            # A write in its own IMMEDIATE transaction: upgrading a SQLite read
+            # transaction to a write fails at once (SQLITE_BUSY) if another writer
+            # committed meanwhile, without waiting for busy_timeout.
+            await write_transaction_options(conn)
+            async with conn.begin():
+                return await ledger.ensure_ledger(conn)
+    except (SQLAlchemyError, OSError) as exc:
+        raise translate_error(exc, str(engine.url)) from None
 
 
 async def _resolve(
     engine: AsyncEngine, storage: Storage, marker_key: str, marker: PendingMarker
 ) -> str | None:
-    try:
-        async with engine.connect() as conn:
-            await write_transaction_options(conn)
-            async with conn.begin():
-                if await ledger.batch_in_flight(conn, marker.batch_id):
-                    return None
-                committed = await ledger.committed_manifest(conn, marker.batch_id)
-                # Storage work happens while we hold the batch's lock, so no second
-                # recoverer can act on the same batch at the same time.
-                return await asyncio.to_thread(_settle, storage, marker_key, marker, committed)
-    except SQLAlchemyError as exc:
-        raise translate_error(exc, str(engine.url)) from None
+    async with engine.connect() as conn:
+        await write_transaction_options(conn)
+        async with conn.begin():
+            if await ledger.batch_in_flight(conn, marker.batch_id):
+                return None
+            committed = await ledger.committed_manifest(conn, marker.batch_id)
+            # Storage work happens while we hold the batch's lock, so no second
+            # recoverer can act on the same batch at the same time.
+            return await asyncio.to_thread(_settle, storage, marker_key, marker, committed)
 
 
 def _settle(storage: Storage, marker_key: str, marker: PendingMarker, committed: str | None) -> str:

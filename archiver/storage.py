@@ -88,12 +88,7 @@ class Storage:
         path = self.path(key)
         with self._translate("writing", key):
             if self.is_local:
-                folder, name = posixpath.split(path)
-                self.fs.makedirs(folder, exist_ok=True)
-                temporary = f"{folder}/.{name}.partial"
-                self.fs.pipe_file(temporary, data)
-                # os.replace, not fs.mv: shutil.move would move *into* a folder in the way.
-                os.replace(temporary, path)
+                _write_durably(path, data)
             else:
                 self.fs.pipe_file(path, data)
 
@@ -174,6 +169,27 @@ class Storage:
                 f"{action} {where} failed: {type(exc).__name__}: {_one_line(exc)}",
                 hint="check storage_url, the endpoint and the network",
             ) from exc
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Write, fsync, rename into place, fsync the folder: the file survives a power cut.
+
+    The database COMMIT that follows is durable, so the archive must be too.
+    """
+    folder, name = posixpath.split(path)
+    os.makedirs(folder, exist_ok=True)
+    temporary = f"{folder}/.{name}.partial"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    # os.replace, not fs.mv: shutil.move would move *into* a folder in the way.
+    os.replace(temporary, path)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -169,3 +169,32 @@ def test_runs_locked_by_another_archiver_are_passed_over(
     assert report.archived_roots == 1
     assert postgres_database.ids("flow_run") == set(older.flow_run_ids)
     assert newer.root_id not in postgres_database.ids("flow_run")
+
+
+def test_live_trees_are_not_locked_while_a_batch_runs(
+    postgres_database: Any, local_storage: Any
+) -> None:
+    live = factory.make_tree(
+        postgres_database, end_time=EXPIRED, subflow_depth=1, subflow_state_type="RUNNING"
+    )
+    factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(hours=1))
+    locked_by_prefect: list[int] = []
+
+    def prefect_updates_the_live_runs(step: str, batch_id: str) -> None:
+        if step == "gathered":  # NOWAIT fails at once if archiver holds a conflicting lock
+            with postgres_database.engine.connect() as other:
+                subflows = other.exec_driver_sql(  # Prefect updating the live subflow
+                    "SELECT id FROM flow_run WHERE id = ANY(%(ids)s) FOR UPDATE NOWAIT",
+                    {"ids": live.subflow_ids},
+                ).all()
+                root = other.exec_driver_sql(  # Prefect adding a row under the root
+                    "SELECT id FROM flow_run WHERE id = %(id)s FOR KEY SHARE NOWAIT",
+                    {"id": live.root_id},
+                ).all()
+                locked_by_prefect.append(len(subflows) + len(root))
+                other.rollback()
+
+    report = archive(postgres_database, local_storage, hook=prefect_updates_the_live_runs)
+
+    assert locked_by_prefect == [len(live.flow_run_ids)]
+    assert report.archived_roots == 1 and report.skipped_roots == [live.root_id]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,3 +115,22 @@ def test_recover_command_resolves_a_committed_batch_without_running_another(
     assert_nothing_lost(sqlite_database, local_storage, before)
     assert_archive_consistent(sqlite_database, local_storage)
     assert sqlite_database.count("flow_run") > 0  # recovery archives nothing new
+
+
+def test_recovery_leaves_another_databases_batches_alone(
+    sqlite_database: Any, local_storage: Any, sqlite_template: Path, tmp_path: Path
+) -> None:
+    before = make_backlog(sqlite_database)
+    crash_in_child(sqlite_database, local_storage, "committed", 1)  # marker left open
+    other_path = tmp_path / "other" / "prefect.db"
+    other_path.parent.mkdir()
+    shutil.copyfile(sqlite_template, other_path)
+    other = factory.TestDatabase.sqlite(other_path)
+    try:
+        report = archive(other, local_storage)  # same archive root, another database
+    finally:
+        other.dispose()
+
+    assert any("belongs to another database" in m for m in report.recovered)
+    assert_nothing_lost(sqlite_database, local_storage, before)  # its committed files stay
+    finish_and_check(sqlite_database, local_storage, before)

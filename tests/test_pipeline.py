@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -13,8 +14,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from archiver.errors import BatchError, VerificationError
-from tests import factory
+from archiver.errors import BatchError, ConcurrentChange, VerificationError
+from archiver.source.engine import DatabaseOptions, create_engine
+from archiver.source.schema import inspect_schema
+from archiver.source.selection import _Reader
+from tests import factory, oracle
 from tests.helpers import EXPIRED, NOW, RECENT, archive
 from tests.oracle import RUN_TABLES, archived_ids, assert_archive_equals, db_rows
 
@@ -172,7 +176,7 @@ def test_storage_failure_mid_batch_leaves_database_unchanged(database: Any, stor
         if step == "marker":
             storage.break_writes()  # a real backend failure, not a mock
 
-    with pytest.raises(BatchError, match="nothing was deleted"):
+    with pytest.raises(BatchError, match="nothing in it was deleted"):
         archive(database, storage, hook=break_storage)
 
     assert {table: db_rows(database, table) for table in RUN_TABLES} == before
@@ -245,3 +249,34 @@ def test_files_and_manifest_describe_themselves(database: Any, storage: Any) -> 
         assert pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows == record["rows"]
     archived = {r["table"]: r["rows"] for r in manifest["files"] if r["role"] == "archived"}
     assert archived == {table: n for table, n in batch.rows.items() if n}
+
+
+@pytest.mark.sqlite
+def test_values_sqlite_does_not_bound_are_archived(sqlite_database: Any, storage: Any) -> None:
+    tree = factory.make_tree(sqlite_database, end_time=EXPIRED)
+    log_id = factory.make_log(sqlite_database, flow_run_id=tree.root_id)
+    sqlite_database.execute("UPDATE log SET level = 40000 WHERE id = :id", {"id": log_id})
+
+    archive(sqlite_database, storage)
+
+    assert oracle.archived_rows(storage, "log")[log_id]["level"] == 40000
+
+
+def test_a_subflow_added_after_the_tree_was_walked_stops_the_batch(
+    database: Any, storage: Any
+) -> None:
+    tree = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
+    walked_before_the_subflow = {tree.root_id}
+
+    async def check() -> None:
+        engine = create_engine(DatabaseOptions(database.url))
+        try:
+            async with engine.connect() as conn:
+                reader = _Reader(conn, await inspect_schema(conn))
+                await reader.refuse_new_subflows(tree.task_run_ids, set(tree.flow_run_ids))
+                with pytest.raises(ConcurrentChange, match="subflow was added"):
+                    await reader.refuse_new_subflows(tree.task_run_ids, walked_before_the_subflow)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())

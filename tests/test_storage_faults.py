@@ -42,7 +42,7 @@ def test_file_missing_on_read_back_rolls_back(database: Any, storage: Any) -> No
         if step == "files":
             storage.fs().rm_file(next(f for f in storage.list_files() if "/flow_run/" in f))
 
-    with pytest.raises(BatchError, match="nothing was deleted"):
+    with pytest.raises(BatchError, match="nothing in it was deleted"):
         archive(database, storage, hook=lose_a_file)
 
     assert snapshot(database) == before
@@ -102,7 +102,7 @@ def test_full_disk_rolls_back_with_a_clear_error(sqlite_database: Any, tiny_disk
         archive(sqlite_database, storage)
 
     assert "no space left on the device" in str(raised.value)
-    assert "nothing was deleted" in str(raised.value) and "\n" not in str(raised.value)
+    assert "nothing in it was deleted" in str(raised.value) and "\n" not in str(raised.value)
     assert snapshot(sqlite_database) == before
 
 

@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from archiver.errors import DatabaseError
+from archiver.errors import ConcurrentChange
 from archiver.source.schema import TREE_TABLES
 from archiver.source.selection import CHUNK
 
 
-class DeleteMismatch(DatabaseError):
+class DeleteMismatch(ConcurrentChange):
     """A DELETE removed a different number of rows than were archived."""
 
 

@@ -109,6 +109,9 @@ def _postgres_engine(url: URL, options: DatabaseOptions) -> AsyncEngine:
         "statement_timeout": str(int(options.statement_timeout * 1000)),
         "random_page_cost": "1.1",
         "jit": "off",
+        # Uploads happen inside the batch transaction; a server-wide idle timeout
+        # would kill the session mid-batch.
+        "idle_in_transaction_session_timeout": "0",
     }
     return create_async_engine(
         url,
@@ -131,6 +134,10 @@ _CONNECTION_LOST = {
     "ConnectionResetError",
     "BrokenPipeError",
 }
+
+
+#: deadlock detected, lock_not_available (lock_timeout), serialization_failure
+_CONFLICTS = {"40P01", "55P03", "40001"}
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -159,10 +166,16 @@ def translate_error(error: BaseException, url: str) -> DatabaseError:
             f"database does not exist at {where}: {text}",
             hint="check the database name in database_url",
         )
-    if name in _CONNECTION_LOST or str(getattr(original, "sqlstate", "")).startswith("08"):
+    sqlstate = str(getattr(original, "sqlstate", "") or "")
+    if name in _CONNECTION_LOST or sqlstate.startswith("08"):
         return TransientDatabaseError(
             f"lost the connection to the database at {where}: {text}",
-            hint="check the database server; the batch was retried and still failed",
+            hint="check that the database server is up, then run archiver again",
+        )
+    if sqlstate in _CONFLICTS:
+        return TransientDatabaseError(
+            f"the database stopped a statement that conflicted with other work: {text}",
+            hint="run archiver again, or raise lock_timeout if Prefect holds long locks",
         )
     if isinstance(original, ConnectionRefusedError | socket.gaierror | TimeoutError | OSError):
         return DatabaseError(

@@ -4,6 +4,10 @@ A batch inserts its row (batch id and manifest) in the same transaction as its
 DELETEs, so the ledger says "committed" exactly when the rows are gone. After a
 crash, a batch id found in storage but not in the ledger never committed.
 
+Each database also gets a random *source id*, written into every marker and
+manifest, so that recovery never judges another database's batch by this
+database's ledger when two databases share one archive root.
+
 PostgreSQL: table ``archiver.batch`` in a schema of its own. SQLite: table
 ``archiver_batch`` in the Prefect file (an attached database would not commit
 atomically with the deletes in WAL mode). In-flight batches on PostgreSQL hold a
@@ -14,11 +18,13 @@ crashed batch from one that another archiver is still working on.
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 _TABLE = {"postgresql": "archiver.batch", "sqlite": "archiver_batch"}
+_SOURCE = {"postgresql": "archiver.source", "sqlite": "archiver_source"}
 _CREATE = {
     "postgresql": [
         # IF NOT EXISTS is not safe against a concurrent CREATE (a unique violation in
@@ -27,19 +33,31 @@ _CREATE = {
         "CREATE SCHEMA IF NOT EXISTS archiver",
         "CREATE TABLE IF NOT EXISTS archiver.batch (batch_id text PRIMARY KEY,"
         " committed_at timestamptz NOT NULL DEFAULT now(), manifest text NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS archiver.source (source_id text PRIMARY KEY)",
     ],
     "sqlite": [
         "CREATE TABLE IF NOT EXISTS archiver_batch (batch_id TEXT PRIMARY KEY,"
         " committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),"
         " manifest TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS archiver_source (source_id TEXT PRIMARY KEY)",
     ],
 }
 
 
-async def ensure_ledger(conn: AsyncConnection) -> None:
-    """Create the ledger if it is missing (idempotent; the caller commits)."""
+async def ensure_ledger(conn: AsyncConnection) -> str:
+    """Create the ledger if it is missing and return this database's source id.
+
+    Idempotent; run it in a write transaction, which the caller commits.
+    """
     for statement in _CREATE[conn.dialect.name]:
         await conn.execute(text(statement))
+    table = _SOURCE[conn.dialect.name]
+    found = (await conn.execute(text(f"SELECT source_id FROM {table}"))).scalar()
+    if found is not None:
+        return str(found)
+    source_id = str(uuid.uuid4())
+    await conn.execute(text(f"INSERT INTO {table} (source_id) VALUES (:id)"), {"id": source_id})
+    return source_id
 
 
 async def record_commit(conn: AsyncConnection, batch_id: str, manifest_json: str) -> None:

@@ -48,7 +48,7 @@ KNOWN_RUN_REFERENCES = {
     ("task_run_state", "result_artifact_id"),
     ("flow_run_input", "flow_run_id"),
 }
-RUN_TABLES = {"flow_run", "task_run", "flow_run_state", "task_run_state", "artifact"}
+RUN_TABLES = set(TREE_TABLES)
 
 #: SQLite declares Prefect's Interval columns as DATETIME (epoch + duration as text),
 #: so reflection alone cannot tell them from timestamps.

@@ -5,7 +5,7 @@ One batch works inside one transaction on one connection:
 1. :func:`lock_roots` takes the oldest expired top-level runs of one calendar
    month (so a batch fills exactly one Hive partition), by keyset on
    ``(end_time, id)`` through ``ix_flow_run__end_time_desc``. On PostgreSQL the
-   rows are locked ``FOR UPDATE SKIP LOCKED``, so concurrent archivers take
+   rows are locked ``FOR NO KEY UPDATE SKIP LOCKED``, so concurrent archivers take
    disjoint runs; on SQLite the batch holds the write lock (``BEGIN IMMEDIATE``).
 2. :func:`gather` walks subflows at any depth, locks every flow run and task run
    of the trees ``FOR UPDATE`` (PostgreSQL), which stops Prefect from adding
@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from archiver.errors import ConcurrentChange
 from archiver.models import Column, Kind, Root, TableRows, TableShape
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema
 
@@ -109,7 +110,10 @@ async def lock_roots(
     if after is not None:
         keyset += _AFTER
         params |= {"after_time": to_db_time(dialect, after.end_time), "after_id": after.id}
-    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    # NO KEY UPDATE: enough to keep other archivers (and Prefect's UPDATEs) off these
+    # runs, while Prefect may still add rows under a root that turns out to be live.
+    # gather() upgrades the roots it keeps to FOR UPDATE.
+    lock = " FOR NO KEY UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     first_sql = f"SELECT end_time FROM flow_run WHERE {_EXPIRED}{keyset} ORDER BY end_time LIMIT 1"
     sql = (
         f"SELECT id, end_time FROM flow_run WHERE {_EXPIRED}{keyset}"
@@ -132,13 +136,20 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
     """Read the whole tree of every root; skip roots whose tree is not all terminal."""
     reader = _Reader(conn, schema)
     tree = await reader.tree_of([root.id for root in roots])
-    flow_runs = await reader.rows("flow_run", "id", list(tree), lock=True)
-    skipped = _roots_with_live_runs(flow_runs, tree)
-    if skipped:
-        flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in skipped]
+    # Which trees are live is decided without locks, so that Prefect can go on
+    # working on their runs; only the trees we keep are locked, then checked again.
+    states = await reader.state_types(list(tree))
+    skipped = {tree[run] for run, state in states.items() if state not in TERMINAL_STATES}
+    kept = [run for run, root in tree.items() if root not in skipped]
+    flow_runs = await reader.rows("flow_run", "id", kept, lock=True)
+    changed = _roots_with_live_runs(flow_runs, tree)
+    if changed:
+        skipped |= changed
+        flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in changed]
     run_ids = flow_runs.ids
     task_runs = await reader.rows("task_run", "flow_run_id", run_ids, lock=True)
     task_ids = task_runs.ids
+    await reader.refuse_new_subflows(task_ids, set(tree))
     flow_states = await reader.rows("flow_run_state", "flow_run_id", run_ids)
     task_states = await reader.rows("task_run_state", "task_run_id", task_ids)
     result_artifacts = _column_values(flow_states, "result_artifact_id") | _column_values(
@@ -153,9 +164,10 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
         "log": await reader.rows_by_any(
             "log", [("flow_run_id", run_ids), ("task_run_id", task_ids)]
         ),
-        "artifact": await reader.rows_by_any(
+        "artifact": await reader.rows_by_any(  # locked: users may edit artifacts
             "artifact",
             [("flow_run_id", run_ids), ("task_run_id", task_ids), ("id", sorted(result_artifacts))],
+            lock=True,
         ),
         "task_run_state_cache": await reader.rows(
             "task_run_state_cache", "task_run_state_id", task_states.ids
@@ -168,8 +180,8 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
         ),
     }
     assert set(tables) == set(TREE_TABLES) and set(references) == set(REFERENCE_TABLES)
-    kept = [root for root in roots if root.id not in skipped]
-    return Gathered(kept, sorted(skipped), tables, references)
+    kept_roots = [root for root in roots if root.id not in skipped]
+    return Gathered(kept_roots, sorted(skipped), tables, references)
 
 
 def _id(row: Sequence[Any]) -> str:
@@ -228,11 +240,33 @@ class _Reader:
             tree.update((str(run_id), str(root_id)) for run_id, root_id in result.all())
         return tree
 
+    async def state_types(self, run_ids: list[str]) -> dict[str, str | None]:
+        sql = f"SELECT id, state_type FROM flow_run WHERE {self._in('id')}"
+        found: dict[str, str | None] = {}
+        for chunk in self._chunks(run_ids):
+            result = await self.conn.execute(self._statement(sql), {"ids": chunk})
+            found.update((str(run_id), state) for run_id, state in result.all())
+        return found
+
+    async def refuse_new_subflows(self, task_ids: list[str], known_runs: set[str]) -> None:
+        """Raise if a subflow appeared under these task runs after the tree was walked.
+
+        Deleting its parent task run would silently detach it (ON DELETE SET NULL).
+        """
+        sql = f"SELECT id FROM flow_run WHERE {self._in('parent_task_run_id')}"
+        for chunk in self._chunks(task_ids):
+            result = await self.conn.execute(self._statement(sql), {"ids": chunk})
+            if any(str(run_id) not in known_runs for (run_id,) in result.all()):
+                raise ConcurrentChange(
+                    "a subflow was added to a run tree while it was being archived",
+                    hint="run archiver again; the batch is retried automatically",
+                )
+
     async def rows(
         self, table: str, column: str, ids: Sequence[str], *, lock: bool = False
     ) -> TableRows:
         shape = self.schema.shape(table)
-        found = TableRows(shape, self.dialect)
+        found = TableRows(shape)
         suffix = " FOR UPDATE" if lock and self.dialect == "postgresql" else ""
         sql = f"SELECT {self._columns(shape)} FROM {table} WHERE {self._in(column)}{suffix}"
         for chunk in self._chunks(ids):
@@ -240,14 +274,16 @@ class _Reader:
             found.rows.extend(tuple(row) for row in result.all())
         return found
 
-    async def rows_by_any(self, table: str, lookups: list[tuple[str, Sequence[str]]]) -> TableRows:
+    async def rows_by_any(
+        self, table: str, lookups: list[tuple[str, Sequence[str]]], *, lock: bool = False
+    ) -> TableRows:
         """Rows matching any of several indexed lookups, each row once (no OR scans)."""
         by_id: dict[str, tuple[Any, ...]] = {}
         id_index = self.schema.shape(table).id_index
         for column, ids in lookups:
-            for row in (await self.rows(table, column, ids)).rows:
+            for row in (await self.rows(table, column, ids, lock=lock)).rows:
                 by_id.setdefault(str(row[id_index]), row)
-        return TableRows(self.schema.shape(table), self.dialect, list(by_id.values()))
+        return TableRows(self.schema.shape(table), list(by_id.values()))
 
     def _columns(self, shape: TableShape) -> str:
         return ", ".join(self._column(column) for column in shape.columns)
