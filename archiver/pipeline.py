@@ -164,7 +164,14 @@ async def _run(
             expired, oldest, newest = await count_expired(conn, cutoff)
     except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, url) from None
-    report = RunReport(options.dry_run, cutoff, expired, oldest, newest, warnings=schema.warnings)
+    report = RunReport(
+        options.dry_run, cutoff, expired, oldest, newest, warnings=list(schema.warnings)
+    )
+    if options.retention_period < timedelta(days=1):
+        report.warnings.append(
+            "retention_period is under a day: Prefect's cancellation clean-up may still be "
+            "writing to cancelled runs archiver takes (a day or more is safe)"
+        )
     if options.dry_run:
         return report
     source_id = await ensure_source(engine)
