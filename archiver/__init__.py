@@ -11,6 +11,16 @@ The library is the product; the ``archiver`` command is a thin layer over it::
 
 from archiver.errors import ArchiverError
 from archiver.pipeline import BatchReport, RunOptions, RunReport, run
+from archiver.verify import open_archive, verify_archive
 from archiver.version import __version__
 
-__all__ = ["ArchiverError", "BatchReport", "RunOptions", "RunReport", "__version__", "run"]
+__all__ = [
+    "ArchiverError",
+    "BatchReport",
+    "RunOptions",
+    "RunReport",
+    "__version__",
+    "open_archive",
+    "run",
+    "verify_archive",
+]

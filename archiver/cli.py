@@ -1,7 +1,7 @@
 """The ``archiver`` command: parse, call one library function, render, map errors to exit codes.
 
 Exit codes: 0 success; 1 an archiver error (one line on stderr, nothing was
-deleted by the failed step); 2 bad usage.
+deleted by the failed step), or `verify` found the archive not sound; 2 bad usage.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from archiver.recovery import recover
 from archiver.settings import Settings, load_settings
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.storage import Storage
+from archiver.verify import list_batches, verify_archive
 
 app = typer.Typer(
     help="Archive expired Prefect runs to Parquet, verify them, then delete them.",
@@ -88,6 +89,53 @@ def recover_command(config: ConfigOption = None) -> None:
     for message in messages:
         out.print(message)
     out.print(f"{len(messages)} open batches resolved")
+
+
+@app.command("ls")
+def ls_command(config: ConfigOption = None) -> None:
+    """List archived batches: partition, end-time range, runs, rows and bytes."""
+    try:
+        settings = load_settings(config)
+        storage = Storage(settings.storage_url, settings.storage_options)
+        batches = list_batches(storage)
+    except ArchiverError as exc:
+        _fail(exc)
+    table = Table("batch", "partition", "ended", "runs", "rows", "MB")
+    for batch in batches:
+        archived = [f for f in batch.files if f.role == "archived"]
+        table.add_row(
+            batch.batch_id,
+            batch.partition,
+            f"{batch.end_time_min:%Y-%m-%d} .. {batch.end_time_max:%Y-%m-%d}",
+            str(len(batch.root_ids)),
+            f"{sum(f.rows for f in archived):,}",
+            f"{sum(f.bytes for f in batch.files) / 1e6:.2f}",
+        )
+    out.print(table)
+    out.print(f"{len(batches)} batches in {storage.describe()}", markup=False, highlight=False)
+
+
+@app.command("verify")
+def verify_command(config: ConfigOption = None) -> None:
+    """Re-read every manifest and file; exit 1 if anything is missing, extra or different."""
+    try:
+        settings = load_settings(config)
+        report = asyncio.run(
+            verify_archive(Storage(settings.storage_url, settings.storage_options))
+        )
+    except ArchiverError as exc:
+        _fail(exc)
+    for problem in report.problems:
+        err.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
+    for key in report.open_batches:
+        out.print(f"open batch (run `archiver recover`): {key}", markup=False, highlight=False)
+    verdict = "sound" if report.sound else f"NOT sound: {len(report.problems)} problems"
+    out.print(
+        f"{report.batches} batches, {report.files} files, {report.rows:,} rows checked: {verdict}",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    if not report.sound:
+        raise typer.Exit(1)
 
 
 async def _recover(settings: Settings) -> list[str]:

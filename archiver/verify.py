@@ -1,0 +1,108 @@
+"""Re-checking an archive against its manifests, without a database.
+
+Every committed batch has a manifest in ``_manifests/``; each names its files
+with row counts, sizes and SHA-256 checksums. :func:`verify_archive` reads every
+manifest and every file it names, fresh from storage, and reports what differs:
+a file missing, with other bytes, another row count, or another table or batch
+in its own metadata; and Parquet files that no manifest names. Open batches
+(pending markers) are reported too; `archiver recover` resolves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow.dataset as ds
+
+from archiver import codec
+from archiver.errors import ArchiverError, StorageError
+from archiver.manifest import BatchManifest, FileRecord
+from archiver.storage import MANIFEST_DIR, PENDING_DIR, Storage
+
+
+@dataclass
+class VerifyReport:
+    batches: int = 0
+    files: int = 0
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+    open_batches: list[str] = field(default_factory=list)
+
+    @property
+    def sound(self) -> bool:
+        return not self.problems
+
+
+def list_batches(storage: Storage) -> list[BatchManifest]:
+    """Every committed batch's manifest, oldest first. Blocking; raises StorageError."""
+    return [
+        BatchManifest.from_json(storage.get(key), storage.describe(key))
+        for key in storage.list(MANIFEST_DIR)
+        if key.endswith(".json")
+    ]
+
+
+def open_archive(url: str, options: dict[str, object] | None = None) -> dict[str, ds.Dataset]:
+    """Each archived table as a pyarrow dataset over all batches (Hive ``month=`` partitions)."""
+    storage = Storage(url, options)
+    tables = sorted({record.table for m in list_batches(storage) for record in m.files})
+    return {
+        table: ds.dataset(storage.path(table), filesystem=storage.fs, partitioning="hive")
+        for table in tables
+    }
+
+
+async def verify_archive(storage: Storage) -> VerifyReport:
+    """Check every batch and file; never raises for a damaged archive, only reports it."""
+    return await asyncio.to_thread(_verify, storage)
+
+
+def _verify(storage: Storage) -> VerifyReport:
+    report = VerifyReport()
+    named: set[str] = set()
+    for key in storage.list(MANIFEST_DIR):
+        try:
+            manifest = BatchManifest.from_json(storage.get(key), storage.describe(key))
+        except ArchiverError as exc:
+            report.problems.append(str(exc.message))
+            continue
+        report.batches += 1
+        for record in manifest.files:
+            named.add(record.key)
+            report.files += 1
+            report.rows += record.rows
+            report.problems.extend(_check_file(storage, manifest, record))
+    for key in _data_files(storage):
+        if key not in named:
+            report.problems.append(f"{storage.describe(key)} is in no manifest")
+    report.open_batches = [k for k in storage.list(PENDING_DIR) if k.endswith(".json")]
+    return report
+
+
+def _check_file(storage: Storage, manifest: BatchManifest, record: FileRecord) -> list[str]:
+    where = storage.describe(record.key)
+    try:
+        data = storage.get(record.key)
+    except StorageError:
+        return [f"{where} is missing (batch {manifest.batch_id})"]
+    if codec.checksum(data) != record.sha256:
+        return [f"{where} has other bytes than its manifest records (checksum differs)"]
+    facts = codec.read_facts(data)
+    problems = []
+    if facts.rows != record.rows:
+        problems.append(f"{where} holds {facts.rows} rows, its manifest says {record.rows}")
+    if facts.metadata.get("archiver.batch_id") != manifest.batch_id:
+        problems.append(f"{where} belongs to another batch than {manifest.batch_id}")
+    if facts.metadata.get("archiver.table") != record.table:
+        problems.append(f"{where} holds another table than {record.table}")
+    return problems
+
+
+def _data_files(storage: Storage) -> Iterator[str]:
+    for table in storage.list(""):
+        if table.startswith(("_", ".")):
+            continue
+        for partition in storage.list(table):
+            yield from (key for key in storage.list(partition) if key.endswith(".parquet"))

@@ -1,0 +1,30 @@
+"""The README, --help and config.example.toml stay true to the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer.main
+from typer.testing import CliRunner
+
+from archiver.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_command_has_help_and_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert {"run", "recover", "ls", "verify"} <= set(commands)
+    for name in commands:
+        assert f"`archiver {name}`" in readme, f"README does not document archiver {name}"
+        result = CliRunner().invoke(app, [name, "--help"])
+        assert result.exit_code == 0 and "--config" in result.stdout
+
+
+def test_ci_runs_exactly_the_readmes_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme
+    commands = [line for line in ci.splitlines() if line and not line.startswith(("#", "set "))]
+    assert commands[-1] == "make test"
