@@ -7,6 +7,8 @@ deleted by the failed step), or `verify` found the archive not sound; 2 bad usag
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +19,7 @@ from rich.table import Table
 from archiver.errors import ArchiverError
 from archiver.pipeline import RunOptions, RunReport, run
 from archiver.recovery import recover
+from archiver.restore import RestoreOptions, restore
 from archiver.settings import Settings, load_settings
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.storage import Storage
@@ -89,6 +92,59 @@ def recover_command(config: ConfigOption = None) -> None:
     for message in messages:
         out.print(message)
     out.print(f"{len(messages)} open batches resolved")
+
+
+@app.command("restore")
+def restore_command(
+    run_ids: Annotated[
+        list[str] | None, typer.Argument(help="Top-level flow run ids (whole trees).")
+    ] = None,
+    config: ConfigOption = None,
+    batch: Annotated[list[str] | None, typer.Option("--batch", help="A batch id.")] = None,
+    ended_after: Annotated[
+        datetime | None, typer.Option(help="Runs that ended at or after this (UTC).")
+    ] = None,
+    ended_before: Annotated[
+        datetime | None, typer.Option(help="Runs that ended before this (UTC).")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Target database URL (default: database_url).")
+    ] = None,
+    error_on_existing: Annotated[
+        bool, typer.Option(help="Refuse, instead of skipping, rows that already exist.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Show what would be written.")] = False,
+) -> None:
+    """Put archived runs back into a Prefect database (PostgreSQL or SQLite)."""
+    try:
+        settings = load_settings(config)
+        database = _database(settings)
+        options = RestoreOptions(
+            database=replace(database, url=to) if to else database,
+            storage_url=settings.storage_url,
+            storage_options=settings.storage_options,
+            run_ids=tuple(run_ids or ()),
+            batch_ids=tuple(batch or ()),
+            ended_after=_utc(ended_after),
+            ended_before=_utc(ended_before),
+            on_conflict="error" if error_on_existing else "skip",
+            dry_run=dry_run,
+        )
+        report = asyncio.run(restore(options))
+    except ArchiverError as exc:
+        _fail(exc)
+    table = Table("table", "would insert" if dry_run else "inserted", "already there")
+    for name, count in report.inserted.items():
+        table.add_row(name, f"{count:,}", f"{report.existing.get(name, 0):,}")
+    out.print(table)
+    for name, columns in report.dropped_columns.items():
+        err.print(f"warning: the target has no {name} column(s) {', '.join(columns)}; left out")
+    verb = "would restore" if dry_run else "restored"
+    out.print(f"{verb} {report.runs} runs from {len(report.batches)} batches")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
 
 
 @app.command("ls")

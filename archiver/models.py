@@ -27,6 +27,7 @@ class Kind(StrEnum):
 class Column:
     name: str
     kind: Kind
+    sql_type: str = ""  # the reflected type's name, e.g. JSONB, for writing back
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,8 @@ def _has_end_time_index(inspector: Any) -> bool:
 
 
 def _column(col: Any, dialect: str) -> Column:
-    return Column(col["name"], _kind(col["name"], col["type"], dialect))
+    sql_type = type(col["type"]).__name__.upper()
+    return Column(col["name"], _kind(col["name"], col["type"], dialect), sql_type)
 
 
 def _kind(name: str, sa_type: types.TypeEngine[Any], dialect: str) -> Kind:

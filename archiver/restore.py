@@ -1,0 +1,367 @@
+"""Putting archived rows back into a Prefect database.
+
+Rows are read from the archive (manifests first, so only the batches that hold
+the wanted runs are opened), converted back to the target dialect's storage
+conventions, and inserted in foreign-key order (shared/prefect-schema.md §4.8):
+artifacts; flow runs without their ``state_id`` and ``parent_task_run_id``;
+task runs; states; then those two links; then inputs, logs and cache entries.
+Rows that already exist are skipped (``ON CONFLICT DO NOTHING``) or, with
+``on_conflict="error"``, refused before anything is written. One transaction:
+a failed restore writes nothing.
+
+Columns are matched by name against the target's reflected columns: a column
+the target lacks is reported and left out; a column the archive lacks takes the
+target's default. Restored runs can be archived again later; they get new batch
+ids, so the archive never holds two copies under one name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import bindparam, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from archiver.errors import ArchiverError, ConfigError
+from archiver.manifest import BatchManifest
+from archiver.models import Kind, TableShape
+from archiver.source.engine import (
+    DatabaseOptions,
+    create_engine,
+    translate_error,
+    write_transaction_options,
+)
+from archiver.source.schema import PrefectSchema, inspect_schema
+from archiver.source.selection import SQLITE_TIME_FORMAT
+from archiver.storage import Storage
+from archiver.verify import list_batches
+
+INSERT_ORDER = (
+    "artifact",
+    "flow_run",
+    "task_run",
+    "flow_run_state",
+    "task_run_state",
+    "flow_run_input",
+    "log",
+    "task_run_state_cache",
+)
+_DEFERRED_LINKS = ("state_id", "parent_task_run_id")  # flow_run columns set after states
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    database: DatabaseOptions
+    storage_url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    run_ids: tuple[str, ...] = ()  # top-level runs (their whole trees)
+    batch_ids: tuple[str, ...] = ()
+    ended_after: datetime | None = None
+    ended_before: datetime | None = None
+    on_conflict: Literal["skip", "error"] = "skip"
+    dry_run: bool = False
+
+
+@dataclass
+class RestoreReport:
+    dry_run: bool
+    batches: list[str] = field(default_factory=list)
+    runs: int = 0
+    inserted: dict[str, int] = field(default_factory=dict)
+    existing: dict[str, int] = field(default_factory=dict)
+    dropped_columns: dict[str, list[str]] = field(default_factory=dict)
+
+
+async def restore(options: RestoreOptions) -> RestoreReport:
+    """Restore the selected runs; raises ArchiverError, and then nothing was written."""
+    _check_selection(options)
+    storage = Storage(options.storage_url, options.storage_options)
+    manifests = await asyncio.to_thread(_select_batches, storage, options)
+    tables = await asyncio.to_thread(_read_tables, storage, manifests, options)
+    report = RestoreReport(options.dry_run, [m.batch_id for m in manifests])
+    report.runs = sum(1 for run in tables["flow_run"].to_pylist() if not run["parent_task_run_id"])
+    engine = create_engine(options.database)
+    try:
+        async with engine.connect() as conn:
+            await write_transaction_options(conn)
+            async with conn.begin() as transaction:
+                await _restore(conn, await inspect_schema(conn), tables, options, report)
+                if options.dry_run:
+                    await transaction.rollback()
+    except SQLAlchemyError as exc:
+        raise translate_error(exc, options.database.url) from None
+    finally:
+        await engine.dispose()
+    return report
+
+
+def _check_selection(options: RestoreOptions) -> None:
+    if not (options.run_ids or options.batch_ids or options.ended_after or options.ended_before):
+        raise ConfigError(
+            "say what to restore",
+            hint="pass run ids, --batch, or --ended-after/--ended-before",
+        )
+
+
+def _select_batches(storage: Storage, options: RestoreOptions) -> list[BatchManifest]:
+    wanted_runs = set(options.run_ids)
+    chosen = []
+    for manifest in list_batches(storage):
+        if options.batch_ids and manifest.batch_id not in options.batch_ids:
+            continue
+        if options.ended_after and manifest.end_time_max < options.ended_after:
+            continue
+        if options.ended_before and manifest.end_time_min >= options.ended_before:
+            continue
+        if wanted_runs and not wanted_runs & set(manifest.root_ids):
+            continue
+        chosen.append(manifest)
+    missing = wanted_runs - {root for m in chosen for root in m.root_ids}
+    if missing:
+        raise ArchiverError(
+            f"no archived top-level run with id {sorted(missing)[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            hint="give the id of a top-level run; `archiver ls` lists the batches",
+        )
+    return chosen
+
+
+def _read_tables(
+    storage: Storage, manifests: Sequence[BatchManifest], options: RestoreOptions
+) -> dict[str, pa.Table]:
+    by_table: dict[str, list[pa.Table]] = {}
+    for manifest in manifests:
+        for record in manifest.files:
+            data = storage.get(record.key)
+            by_table.setdefault(record.table, []).append(pq.read_table(pa.BufferReader(data)))
+    tables = {
+        name: pa.concat_tables(parts, promote_options="permissive")
+        for name, parts in by_table.items()
+    }
+    return _within_trees(tables, options)
+
+
+def _within_trees(tables: dict[str, pa.Table], options: RestoreOptions) -> dict[str, pa.Table]:
+    """Keep only the rows of the selected runs' trees (all rows when none are named)."""
+    empty = pa.table({"id": pa.array([], pa.string())})
+    tables = {name: tables.get(name, empty) for name in (*INSERT_ORDER, "flow")}
+    runs = tables["flow_run"].to_pylist()
+    roots = {r["id"] for r in runs if not r["parent_task_run_id"]}
+    if options.ended_after or options.ended_before:
+        roots = {r["id"] for r in runs if r["id"] in roots and _ended_within(r, options)}
+    if options.run_ids:
+        roots &= set(options.run_ids)
+    run_ids, task_ids = _tree_ids(runs, tables["task_run"].to_pylist(), roots)
+    state_ids = set(_column(tables["task_run_state"], "id", "task_run_id", task_ids))
+    keep = {
+        "flow_run": ("id", run_ids),
+        "task_run": ("flow_run_id", run_ids),
+        "flow_run_state": ("flow_run_id", run_ids),
+        "task_run_state": ("task_run_id", task_ids),
+        "flow_run_input": ("flow_run_id", run_ids),
+        "task_run_state_cache": ("task_run_state_id", state_ids),
+    }
+    for name, (column, ids) in keep.items():
+        tables[name] = _filter(tables[name], column, ids)
+    for name in ("log", "artifact"):
+        tables[name] = _rows_of_runs(tables[name], run_ids, task_ids)
+    return tables
+
+
+def _ended_within(run: dict[str, Any], options: RestoreOptions) -> bool:
+    end = run["end_time"]
+    after_ok = options.ended_after is None or end >= options.ended_after
+    return after_ok and (options.ended_before is None or end < options.ended_before)
+
+
+def _tree_ids(
+    runs: list[dict[str, Any]], task_runs: list[dict[str, Any]], roots: set[str]
+) -> tuple[set[str], set[str]]:
+    run_of_task = {t["id"]: t["flow_run_id"] for t in task_runs}
+    parent_run = {r["id"]: run_of_task.get(r["parent_task_run_id"]) for r in runs}
+
+    def root_of(run_id: str | None) -> str | None:
+        seen = 0
+        while run_id is not None and parent_run.get(run_id) and seen < 1000:
+            run_id, seen = parent_run[run_id], seen + 1
+        return run_id
+
+    run_ids = {r["id"] for r in runs if root_of(r["id"]) in roots}
+    task_ids = {t["id"] for t in task_runs if t["flow_run_id"] in run_ids}
+    return run_ids, task_ids
+
+
+def _column(table: pa.Table, wanted: str, by: str, ids: set[str]) -> Iterable[str]:
+    for row in table.select([wanted, by]).to_pylist():
+        if row[by] in ids:
+            yield row[wanted]
+
+
+def _filter(table: pa.Table, column: str, ids: set[str]) -> pa.Table:
+    if table.num_rows == 0:
+        return table
+    mask = pa.array([value in ids for value in table.column(column).to_pylist()])
+    return table.filter(mask)
+
+
+def _rows_of_runs(table: pa.Table, run_ids: set[str], task_ids: set[str]) -> pa.Table:
+    if table.num_rows == 0:
+        return table
+    rows = table.select(["flow_run_id", "task_run_id"]).to_pylist()
+    mask = [r["flow_run_id"] in run_ids or r["task_run_id"] in task_ids for r in rows]
+    return table.filter(pa.array(mask))
+
+
+async def _restore(
+    conn: AsyncConnection,
+    schema: PrefectSchema,
+    tables: dict[str, pa.Table],
+    options: RestoreOptions,
+    report: RestoreReport,
+) -> None:
+    writer = _Writer(conn, schema, options.on_conflict, report)
+    await writer.ensure_flows(tables["flow"], tables["flow_run"])
+    for name in INSERT_ORDER:
+        held_back = _DEFERRED_LINKS if name == "flow_run" else ()
+        await writer.insert(name, tables[name], held_back)
+    await writer.link_flow_runs(tables["flow_run"])
+
+
+class _Writer:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        schema: PrefectSchema,
+        on_conflict: str,
+        report: RestoreReport,
+    ) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.dialect = conn.dialect.name
+        self.on_conflict = on_conflict
+        self.report = report
+        self.quote = conn.dialect.identifier_preparer.quote
+        self.inserted_runs: set[str] = set()
+
+    async def _drop_missing_references(self, runs: list[dict[str, Any]]) -> None:
+        """A work queue or legacy infrastructure block that is gone becomes NULL (§4.8)."""
+        for column, table in (
+            ("work_queue_id", "work_queue"),
+            ("infrastructure_document_id", "block_document"),
+        ):
+            named = sorted({str(r[column]) for r in runs if r.get(column)})
+            present = await self.existing_ids(table, named) if named else set()
+            for run in runs:
+                if run.get(column) and str(run[column]) not in present:
+                    run[column] = None
+
+    async def existing_ids(self, table: str, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), _CHUNK):
+            statement = text(f"SELECT id FROM {table} WHERE id IN :ids").bindparams(
+                bindparam("ids", expanding=True)
+            )
+            result = await self.conn.execute(statement, {"ids": ids[start : start + _CHUNK]})
+            found.update(str(row[0]) for row in result.all())
+        return found
+
+    async def ensure_flows(self, flows: pa.Table, runs: pa.Table) -> None:
+        """flow_run.flow_id must exist: put back archived flow rows that are gone."""
+        needed = {r["flow_id"] for r in runs.select(["flow_id"]).to_pylist()}
+        snapshot = _filter(_latest_by_id(flows), "id", needed) if flows.num_rows else flows
+        missing = needed - await self.existing_ids("flow", sorted(needed))
+        if missing - set(snapshot.column("id").to_pylist() if snapshot.num_rows else []):
+            raise ArchiverError(
+                f"flow {sorted(missing)[0]} is neither in the target database nor in the archive",
+                hint="create the flow in the target first (any name), then restore again",
+            )
+        await self.insert("flow", _filter(snapshot, "id", missing), (), count=False)
+
+    async def insert(
+        self, table: str, rows: pa.Table, held_back: Sequence[str], *, count: bool = True
+    ) -> None:
+        shape = self.schema.shape(table) if table in self.schema.tables else None
+        if shape is None or rows.num_rows == 0:
+            return
+        ids = [str(i) for i in rows.column("id").to_pylist()]
+        existing = await self.existing_ids(table, ids)
+        if existing and self.on_conflict == "error":
+            raise ArchiverError(
+                f"{len(existing)} {table} rows already exist in the target (e.g. {min(existing)})",
+                hint="restore without --error-on-existing to skip them, or into another database",
+            )
+        columns = self._columns(table, shape, rows, held_back)
+        new_rows = [r for r in rows.to_pylist() if str(r["id"]) not in existing]
+        if table == "flow_run":
+            self.inserted_runs = {str(r["id"]) for r in new_rows}
+            await self._drop_missing_references(new_rows)
+        if count:
+            self.report.inserted[table] = len(new_rows)
+            self.report.existing[table] = len(existing)
+        if new_rows:
+            await self.conn.execute(self._statement(table, columns), [
+                {c.name: self._value(c.kind, r.get(c.name), table, c.name) for c in columns}
+                for r in new_rows
+            ])  # fmt: skip
+
+    def _columns(
+        self, table: str, shape: TableShape, rows: pa.Table, held_back: Sequence[str]
+    ) -> list[Any]:
+        archived = set(rows.column_names) - {"month"}
+        dropped = sorted(archived - set(shape.column_names))
+        if dropped:
+            self.report.dropped_columns[table] = dropped
+        return [c for c in shape.columns if c.name in archived and c.name not in held_back]
+
+    def _statement(self, table: str, columns: Sequence[Any]) -> Any:
+        names = ", ".join(self.quote(c.name) for c in columns)
+        values = ", ".join(self._placeholder(c) for c in columns)
+        return text(f"INSERT INTO {table} ({names}) VALUES ({values}) ON CONFLICT DO NOTHING")
+
+    def _placeholder(self, column: Any) -> str:
+        if self.dialect == "postgresql" and column.kind is Kind.JSON:
+            # bind the document as text so the driver's own JSON codec never re-encodes it
+            cast = "jsonb" if column.sql_type == "JSONB" else "json"
+            return f"CAST(CAST(:{column.name} AS text) AS {cast})"
+        return f":{column.name}"
+
+    def _value(self, kind: Kind, value: Any, table: str, column: str) -> Any:
+        if value is None or self.dialect != "sqlite":
+            return value
+        if kind is Kind.TIMESTAMP:
+            return value.astimezone(UTC).replace(tzinfo=None).strftime(SQLITE_TIME_FORMAT)
+        if kind is Kind.INTERVAL:
+            assert isinstance(value, timedelta)
+            return (_EPOCH + value).replace(tzinfo=None).strftime(SQLITE_TIME_FORMAT)
+        return value
+
+    async def link_flow_runs(self, runs: pa.Table) -> None:
+        if runs.num_rows == 0:
+            return
+        statement = text(
+            "UPDATE flow_run SET state_id = :state_id, parent_task_run_id = :parent WHERE id = :id"
+        )
+        params = [
+            {"id": r["id"], "state_id": r["state_id"], "parent": r["parent_task_run_id"]}
+            for r in runs.select(["id", "state_id", "parent_task_run_id"]).to_pylist()
+            if r["id"] in self.inserted_runs and (r["state_id"] or r["parent_task_run_id"])
+        ]
+        if params:
+            await self.conn.execute(statement, params)
+
+
+def _latest_by_id(table: pa.Table) -> pa.Table:
+    """One row per id: reference snapshots repeat across batches."""
+    seen: dict[str, int] = {}
+    for index, row_id in enumerate(table.column("id").to_pylist()):
+        seen[row_id] = index
+    return table.take(pa.array(sorted(seen.values())))

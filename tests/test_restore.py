@@ -1,0 +1,136 @@
+"""archiver restore: archived rows go back, column for column, into PostgreSQL or SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from archiver.cli import app
+from archiver.errors import ArchiverError
+from archiver.restore import RestoreOptions, RestoreReport, restore
+from archiver.source.engine import DatabaseOptions
+from tests import factory
+from tests.helpers import EXPIRED, archive
+from tests.oracle import RUN_TABLES, db_rows, field_kinds, normalise
+
+
+def restore_into(db: Any, storage: Any, **selection: Any) -> RestoreReport:
+    options = RestoreOptions(
+        database=DatabaseOptions(db.url),
+        storage_url=storage.url,
+        storage_options=storage.options,
+        **selection,
+    )
+    return asyncio.run(restore(options))
+
+
+def make_trees(db: Any, count: int) -> list[factory.Tree]:
+    return [
+        factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1,
+                          artifacts=4, task_run_state_cache=True)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def test_round_trip_into_the_same_database(database: Any, storage: Any) -> None:
+    make_trees(database, 3)
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    archive(database, storage, batch_size=2)
+    assert database.count("flow_run") == 0
+
+    report = restore_into(database, storage, ended_after=EXPIRED - timedelta(days=1))
+
+    assert report.runs == 3 and len(report.batches) == 2
+    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+
+
+@pytest.mark.sqlite
+@pytest.mark.postgres
+def test_round_trip_from_sqlite_into_postgres(
+    sqlite_database: Any, postgres_database: Any, local_storage: Any
+) -> None:
+    make_trees(sqlite_database, 2)
+    before = {table: db_rows(sqlite_database, table) for table in RUN_TABLES}
+    factory.make_flow(postgres_database)  # the target has flows of its own
+    archive(sqlite_database, local_storage)
+
+    restore_into(postgres_database, local_storage, ended_after=EXPIRED - timedelta(days=1))
+
+    for table in RUN_TABLES:
+        kinds = field_kinds(local_storage, table)
+        after = db_rows(postgres_database, table)
+        assert set(after) == set(before[table]), table
+        for row_id, original in before[table].items():
+            for column, value in original.items():
+                want, got = (
+                    normalise(kinds[column], value),
+                    normalise(kinds[column], after[row_id][column]),
+                )
+                if kinds[column] == "json" and want is not None:
+                    assert json.loads(got) == json.loads(want), (table, column)
+                else:
+                    assert got == want, (table, column)
+
+
+def test_restore_one_run_out_of_many(database: Any, storage: Any) -> None:
+    trees = make_trees(database, 3)
+    archive(database, storage)
+
+    report = restore_into(database, storage, run_ids=(trees[1].root_id,))
+
+    assert report.runs == 1
+    assert database.ids("flow_run") == set(trees[1].flow_run_ids)
+    assert database.ids("task_run") == set(trees[1].task_run_ids)
+    assert database.ids("log") == set(trees[1].log_ids)
+
+
+def test_existing_rows_are_skipped_or_refused(database: Any, storage: Any) -> None:
+    trees = make_trees(database, 2)
+    archive(database, storage)
+    first = restore_into(database, storage, run_ids=(trees[0].root_id,))
+    before = {table: db_rows(database, table) for table in RUN_TABLES}
+
+    again = restore_into(database, storage, run_ids=(trees[0].root_id,))
+    with pytest.raises(ArchiverError, match="already exist"):
+        restore_into(database, storage, run_ids=(trees[0].root_id,), on_conflict="error")
+
+    assert first.inserted["flow_run"] == 2 and again.inserted["flow_run"] == 0
+    assert again.existing["flow_run"] == 2
+    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+
+
+def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
+    trees = make_trees(database, 1)
+    archive(database, storage)
+
+    report = restore_into(database, storage, run_ids=(trees[0].root_id,), dry_run=True)
+
+    assert report.inserted["flow_run"] == 2 and database.count("flow_run") == 0
+
+
+def test_unknown_run_id_is_a_clear_error(database: Any, storage: Any) -> None:
+    make_trees(database, 1)
+    archive(database, storage)
+    with pytest.raises(ArchiverError, match="no archived top-level run"):
+        restore_into(database, storage, run_ids=("00000000-0000-4000-8000-000000000000",))
+
+
+def test_restore_command(tmp_path: Any, sqlite_database: Any, local_storage: Any) -> None:
+    trees = make_trees(sqlite_database, 2)
+    archive(sqlite_database, local_storage)
+    config = tmp_path / "archiver.toml"
+    config.write_text(
+        f'database_url = "{sqlite_database.url}"\nstorage_url = "{local_storage.url}"\n'
+    )
+
+    dry = CliRunner().invoke(app, ["restore", trees[0].root_id, "-c", str(config), "--dry-run"])
+    real = CliRunner().invoke(app, ["restore", trees[0].root_id, "-c", str(config)])
+
+    assert dry.exit_code == 0 and "would restore 1 runs" in dry.stdout
+    assert real.exit_code == 0 and "restored 1 runs" in real.stdout
+    assert sqlite_database.ids("flow_run") == set(trees[0].flow_run_ids)
