@@ -7,6 +7,7 @@ deleted by the failed step), or `verify` found the archive not sound; 2 bad usag
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,12 +16,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
 
 from archiver.errors import ArchiverError
 from archiver.pipeline import RunOptions, RunReport, run
 from archiver.recovery import recover
 from archiver.restore import RestoreOptions, restore
 from archiver.settings import Settings, load_settings
+from archiver.show import RunView, show_run
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.storage import Storage
 from archiver.verify import list_batches, verify_archive
@@ -145,6 +149,39 @@ def restore_command(
 
 def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
+
+
+@app.command("show")
+def show_command(run_id: str, config: ConfigOption = None) -> None:
+    """Show an archived run's tree, states and logs, read from the archive alone."""
+    try:
+        settings = load_settings(config)
+        view = show_run(Storage(settings.storage_url, settings.storage_options), run_id)
+    except ArchiverError as exc:
+        _fail(exc)
+    out.print(_tree(view))
+
+
+def _tree(view: RunView) -> Tree:
+    """Plain Text labels: names and log messages are user data, never rich markup."""
+    run = view.run
+    tree = Tree(Text(
+        f"{run['name']} {run['id']}  {run['state_name'] or run['state_type']}  "
+        f"{run['start_time']} .. {run['end_time']}", style="bold",
+    ))  # fmt: skip
+    states = tree.add(Text("states"))
+    for state in view.states:
+        states.add(Text(f"{state['timestamp']}  {state['name']}  {state['message'] or ''}"))
+    tasks = tree.add(Text(f"task runs ({len(view.task_runs)})"))
+    for task in view.task_runs:
+        tasks.add(Text(f"{task['name']}  {task['state_name'] or task['state_type']}"))
+    for child in view.subflows:
+        tree.add(_tree(child))
+    logs = tree.add(Text(f"logs ({len(view.logs)})"))
+    for log in view.logs:
+        level = logging.getLevelName(log["level"])
+        logs.add(Text(f"{log['timestamp']}  {level}  {log['message'][:200]}"))
+    return tree
 
 
 @app.command("ls")

@@ -79,6 +79,10 @@ class Storage:
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
+    def key_of(self, path: str) -> str:
+        """The key of a full filesystem path under the root."""
+        return str(path).removeprefix(self.root + "/")
+
     def describe(self, key: str = "") -> str:
         return f"{self.url}/{key}" if key else self.url
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from archiver import RunOptions, RunReport, run
@@ -32,3 +34,21 @@ def options(db: Any, storage: Any, **overrides: Any) -> RunOptions:
 
 def archive(db: Any, storage: Any, hook: StepHook | None = None, **overrides: Any) -> RunReport:
     return asyncio.run(run(options(db, storage, **overrides), hook))
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # strings and numbers are spelled the same in TOML
+
+
+def write_config(path: Path, storage: Any = None, **settings: Any) -> Path:
+    """A TOML config file with these settings, and the test storage's URL and options."""
+    if storage is not None:
+        settings = {"storage_url": storage.url, **settings}
+        if storage.options:
+            settings["storage_options"] = storage.options
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in settings.items()))
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +10,8 @@ from typer.testing import CliRunner
 
 from archiver.cli import app
 from tests import factory
-from tests.helpers import EXPIRED, RECENT
+from tests.helpers import EXPIRED, RECENT, write_config
 from tests.oracle import RUN_TABLES, archived_ids, db_rows
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)  # strings and numbers are spelled the same in TOML
-
-
-def write_config(path: Path, **settings: Any) -> Path:
-    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in settings.items()))
-    return path
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
@@ -35,9 +21,8 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
 def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
     return write_config(
         tmp_path / "archiver.toml",
+        storage,
         database_url=db.url,
-        storage_url=storage.url,
-        storage_options=storage.options,
         retention_period="P30D",
         batch_interval=0,
         **extra,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from archiver import open_archive
 from archiver.cli import app
 from tests import factory
-from tests.helpers import EXPIRED, archive
+from tests.helpers import EXPIRED, archive, write_config
 
 
 @pytest.fixture
@@ -23,15 +23,7 @@ def archived(database: Any, storage: Any, tmp_path: Path) -> Path:
     for i in range(4):
         factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1)
     archive(database, storage, batch_size=2)
-    config = tmp_path / "archiver.toml"
-    options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in storage.options.items()
-                        if not isinstance(v, dict))  # fmt: skip
-    region = '{ region_name = "us-east-1" }'
-    config.write_text(
-        f"storage_url = {json.dumps(storage.url)}\n"
-        + (f"storage_options = {{ {options}, client_kwargs = {region} }}\n" if options else "")
-    )
-    return config
+    return write_config(tmp_path / "archiver.toml", storage)
 
 
 def verify(config: Path) -> Any:
@@ -100,3 +92,24 @@ def test_open_archive_and_duckdb_read_the_same_rows(
             "hive_partitioning = true)"
         ).fetchall()
         assert count == [(8,)]
+
+
+def test_show_reads_a_run_from_the_archive_alone(
+    database: Any, storage: Any, tmp_path: Path
+) -> None:
+    trees = [factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i),
+                               subflow_depth=2) for i in range(3)]  # fmt: skip
+    archive(database, storage, batch_size=1)
+    config = write_config(tmp_path / "show.toml", storage)
+    tree = trees[1]
+
+    by_root = CliRunner().invoke(app, ["show", tree.root_id, "-c", str(config)])
+    by_subflow = CliRunner().invoke(app, ["show", tree.subflow_ids[-1], "-c", str(config)])
+    missing = CliRunner().invoke(app, ["show", trees[0].task_run_ids[0], "-c", str(config)])
+
+    assert by_root.exit_code == 0, by_root.output
+    assert all(run_id in by_root.stdout for run_id in tree.flow_run_ids)
+    assert "logs (" in by_root.stdout and "states" in by_root.stdout
+    assert by_subflow.exit_code == 0 and tree.subflow_ids[-1] in by_subflow.stdout
+    assert tree.root_id not in by_subflow.stdout
+    assert missing.exit_code == 1 and "is not in the archive" in missing.stderr
