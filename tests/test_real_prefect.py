@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from archiver.restore import RestoreOptions, restore
+from archiver.source.engine import DatabaseOptions
 from tests.helpers import NOW, archive
 from tests.oracle import RUN_TABLES, archived_rows, assert_archive_equals, db_rows
 
@@ -52,3 +56,36 @@ def test_archive_what_prefect_wrote(database: Any, local_storage: Any, tmp_path:
     subflows = [r for r in archived_rows(local_storage, "flow_run").values()
                 if r["parent_task_run_id"]]  # fmt: skip
     assert len(subflows) == 4
+
+
+def read_through_prefect(db: Any, home: Path) -> dict[str, Any]:
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_DATABASE_CONNECTION_URL=db.url)
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.prefect_read"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    described: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return described
+
+
+def test_prefect_shows_a_restored_run_as_it_was(
+    database: Any, local_storage: Any, tmp_path: Path
+) -> None:
+    home = tmp_path / "prefect-home"
+    run_prefect_flows(database, home, parents=1)
+    as_prefect_wrote_it = read_through_prefect(database, home)
+    assert len(as_prefect_wrote_it) == 3 and all(r["logs"] for r in as_prefect_wrote_it.values())
+    archive(database, local_storage, retention_period=timedelta(days=1),
+            now=NOW + timedelta(days=2))  # fmt: skip
+    assert database.count("flow_run") == 0
+
+    restore_into = RestoreOptions(
+        database=DatabaseOptions(database.url),
+        storage_url=local_storage.url,
+        ended_after=NOW - timedelta(days=1),
+    )
+    asyncio.run(restore(restore_into))
+
+    assert read_through_prefect(database, home) == as_prefect_wrote_it
