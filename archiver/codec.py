@@ -99,7 +99,11 @@ def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
 
 def encode(rows: TableRows, metadata: Mapping[str, str], compression: str = "zstd") -> EncodedFile:
     """Encode rows as one Parquet file held in memory."""
-    table = to_arrow(rows, metadata)
+    return encode_table(to_arrow(rows, metadata), compression)
+
+
+def encode_table(table: pa.Table, compression: str = "zstd") -> EncodedFile:
+    """Encode an Arrow table (already in the archive's types) as one Parquet file."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=None if compression == "none" else compression)
     data = sink.getvalue().to_pybytes()

@@ -52,6 +52,8 @@ class BatchManifest(BaseModel):
     end_time_min: datetime
     end_time_max: datetime
     files: list[FileRecord]
+    #: the batch this one rewrote (rows restored out of it); that batch is gone
+    replaces: str | None = None
 
     def rows_by_table(self) -> dict[str, int]:
         return {f.table: f.rows for f in self.files if f.role == "archived"}
@@ -78,6 +80,8 @@ class PendingMarker(BaseModel):
     source_id: str
     created_at: datetime
     keys: list[str]
+    #: keys of a batch this one rewrites, removed once this batch has committed
+    replaces: list[str] = []
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

@@ -57,6 +57,7 @@ from archiver.source.engine import (
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
 from archiver.storage import Storage, data_key, manifest_key, pending_key
+from archiver.verify import check_written
 from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
@@ -297,27 +298,15 @@ class _Batcher:
             self.hook("file", batch.batch_id)
         self.hook("files", batch.batch_id)
         clock.lap("upload")
-        records = [await self._verify(key, *entry) for key, entry in encoded.items()]
+        records = [
+            await asyncio.to_thread(
+                check_written, self.storage, key, rows.shape.name, role, rows.ids, file.sha256
+            )
+            for key, (rows, role, file) in encoded.items()
+        ]
         self.hook("verified", batch.batch_id)
         clock.lap("verify")
         return records
-
-    async def _verify(
-        self, key: str, rows: TableRows, role: Role, file: codec.EncodedFile
-    ) -> FileRecord:
-        data = await asyncio.to_thread(self.storage.get, key)
-        where = self.storage.describe(key)
-        if codec.checksum(data) != file.sha256:
-            raise VerificationError(f"{where} read back with different bytes than were written")
-        facts = codec.read_facts(data)
-        if facts.rows != len(rows):
-            raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(rows)}")
-        if len(set(facts.ids)) != len(facts.ids) or set(facts.ids) != set(rows.ids):
-            raise VerificationError(f"{where} does not hold exactly the primary keys selected")
-        return FileRecord(
-            table=rows.shape.name, key=key, rows=facts.rows, bytes=len(data),
-            sha256=facts.sha256, role=role,
-        )  # fmt: skip
 
     async def _abandon(self, transaction: Any, batch: _PlannedBatch) -> None:
         """Remove what the batch wrote, then roll back. If removal fails, recovery will.

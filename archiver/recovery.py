@@ -79,8 +79,11 @@ async def _resolve(
 
 def _settle(storage: Storage, marker_key: str, marker: PendingMarker, committed: str | None) -> str:
     if committed is not None:
-        BatchManifest.from_json(committed, f"ledger entry {marker.batch_id}")  # validate first
-        storage.put(manifest_key(marker.batch_id), committed.encode())
+        manifest = BatchManifest.from_json(committed, f"ledger entry {marker.batch_id}")
+        if manifest.files:  # a rewrite that restored every run of a batch leaves none
+            storage.put(manifest_key(marker.batch_id), committed.encode())
+        for key in marker.replaces:
+            storage.delete(key)
         storage.delete(marker_key)
         return f"batch {marker.batch_id} had committed: wrote its missing manifest"
     for key in marker.keys:

@@ -18,7 +18,8 @@ ids, so the archive never holds two copies under one name.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -29,9 +30,11 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from archiver.errors import ArchiverError, ConfigError
+from archiver.errors import ArchiverError, ConcurrentChange, ConfigError
 from archiver.manifest import BatchManifest
 from archiver.models import Kind, TableShape
+from archiver.rewrite import Rewrite, abandon_rewrite, finish_rewrite, plan_rewrite, write_rewrite
+from archiver.source import ledger
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -79,29 +82,100 @@ class RestoreReport:
     inserted: dict[str, int] = field(default_factory=dict)
     existing: dict[str, int] = field(default_factory=dict)
     dropped_columns: dict[str, list[str]] = field(default_factory=dict)
+    #: batches rewritten without the restored rows (restores into their own database)
+    rewritten: list[str] = field(default_factory=list)
 
 
-async def restore(options: RestoreOptions) -> RestoreReport:
-    """Restore the selected runs; raises ArchiverError, and then nothing was written."""
+async def restore(
+    options: RestoreOptions, hook: Callable[[str, str], None] | None = None
+) -> RestoreReport:
+    """Restore the selected runs; raises ArchiverError, and then nothing was written.
+
+    Into the database the rows came from, a restore *moves* them: the batches
+    they were in are rewritten without them, in the same commit, so a run is
+    never both in the database and in the archive and can be archived again.
+    Into another database it copies, and the archive stays as it is.
+    """
     _check_selection(options)
     storage = Storage(options.storage_url, options.storage_options)
     manifests = await asyncio.to_thread(_select_batches, storage, options)
-    tables = await asyncio.to_thread(_read_tables, storage, manifests, options)
+    batches = await asyncio.to_thread(_read_batches, storage, manifests)
+    tables = _within_trees(_concat(batches.values()), options)
     report = RestoreReport(options.dry_run, [m.batch_id for m in manifests])
     report.runs = sum(1 for run in tables["flow_run"].to_pylist() if not run["parent_task_run_id"])
     engine = create_engine(options.database)
     try:
         async with engine.connect() as conn:
             await write_transaction_options(conn)
-            async with conn.begin() as transaction:
-                await _restore(conn, await inspect_schema(conn), tables, options, report)
-                if options.dry_run:
-                    await transaction.rollback()
+            transaction = await conn.begin()
+            await _restore(conn, await inspect_schema(conn), tables, options, report)
+            if options.dry_run:
+                await transaction.rollback()
+                return report
+            rewrites = await _move_out(conn, storage, manifests, batches, tables)
+            try:
+                _call(hook, "rewritten")
+            except BaseException:
+                await _abandon(storage, rewrites)
+                raise
+            await transaction.commit()  # if this fails uncertainly, recovery decides
+            _call(hook, "committed")
     except SQLAlchemyError as exc:
         raise translate_error(exc, options.database.url) from None
     finally:
         await engine.dispose()
+    for rewrite in rewrites:
+        await asyncio.to_thread(finish_rewrite, storage, rewrite)
+    report.rewritten = [rewrite.old.batch_id for rewrite in rewrites]
     return report
+
+
+async def _move_out(
+    conn: AsyncConnection,
+    storage: Storage,
+    manifests: Sequence[BatchManifest],
+    batches: dict[str, dict[str, pa.Table]],
+    restored: dict[str, pa.Table],
+) -> list[Rewrite]:
+    """Write the rewrites of this database's batches and swap them in the ledger.
+
+    Runs inside the restore's transaction; on any failure the new files are
+    removed and the exception propagates, so the caller rolls back.
+    """
+    source_id = await ledger.ensure_ledger(conn)
+    removed = {name: {str(i) for i in t.column("id").to_pylist()} for name, t in restored.items()}
+    rewrites: list[Rewrite] = []
+    try:
+        for manifest in manifests:
+            if manifest.source_id != source_id:
+                continue  # another database's archive: a restore here is a copy
+            rewrite = plan_rewrite(manifest, batches[manifest.batch_id], removed, source_id)
+            await ledger.hold_batch_lock(conn, rewrite.batch_id)
+            rewrites.append(rewrite)
+            await asyncio.to_thread(write_rewrite, storage, rewrite)
+            if not await ledger.forget_batch(conn, manifest.batch_id):
+                raise ConcurrentChange(
+                    f"batch {manifest.batch_id} changed while it was being restored from",
+                    hint="run the restore again",
+                )
+            await ledger.record_commit(conn, rewrite.batch_id, rewrite.manifest().to_json())
+    except BaseException:
+        await _abandon(storage, rewrites)
+        raise
+    return rewrites
+
+
+async def _abandon(storage: Storage, rewrites: list[Rewrite]) -> None:
+    """Before COMMIT: remove the new files; a failure here leaves markers for recovery."""
+    for rewrite in rewrites:
+        with contextlib.suppress(ArchiverError):
+            await asyncio.to_thread(abandon_rewrite, storage, rewrite)
+
+
+def _call(hook: Callable[[str, str], None] | None, step: str) -> None:
+    """Tests inject faults here, as with archiver.pipeline's step hook."""
+    if hook is not None:
+        hook(step, "restore")
 
 
 def _check_selection(options: RestoreOptions) -> None:
@@ -135,19 +209,28 @@ def _select_batches(storage: Storage, options: RestoreOptions) -> list[BatchMani
     return chosen
 
 
-def _read_tables(
-    storage: Storage, manifests: Sequence[BatchManifest], options: RestoreOptions
-) -> dict[str, pa.Table]:
+def _read_batches(
+    storage: Storage, manifests: Sequence[BatchManifest]
+) -> dict[str, dict[str, pa.Table]]:
+    """Every file of the chosen batches: batch id -> table -> rows."""
+    return {
+        manifest.batch_id: {
+            record.table: pq.read_table(pa.BufferReader(storage.get(record.key)))
+            for record in manifest.files
+        }
+        for manifest in manifests
+    }
+
+
+def _concat(batches: Iterable[dict[str, pa.Table]]) -> dict[str, pa.Table]:
     by_table: dict[str, list[pa.Table]] = {}
-    for manifest in manifests:
-        for record in manifest.files:
-            data = storage.get(record.key)
-            by_table.setdefault(record.table, []).append(pq.read_table(pa.BufferReader(data)))
-    tables = {
+    for tables in batches:
+        for name, table in tables.items():
+            by_table.setdefault(name, []).append(table)
+    return {
         name: pa.concat_tables(parts, promote_options="permissive")
         for name, parts in by_table.items()
     }
-    return _within_trees(tables, options)
 
 
 def _within_trees(tables: dict[str, pa.Table], options: RestoreOptions) -> dict[str, pa.Table]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pyarrow.dataset as ds
 
 from archiver import codec
-from archiver.errors import ArchiverError, StorageError
+from archiver.errors import ArchiverError, StorageError, VerificationError
 from archiver.manifest import BatchManifest, FileRecord
 from archiver.storage import MANIFEST_DIR, PENDING_DIR, Storage
 
@@ -33,6 +34,32 @@ class VerifyReport:
     @property
     def sound(self) -> bool:
         return not self.problems
+
+
+def check_written(
+    storage: Storage,
+    key: str,
+    table: str,
+    role: Literal["archived", "reference"],
+    ids: list[str],
+    sha256: str,
+) -> FileRecord:
+    """Read ``key`` back fresh and prove it holds exactly what was written. Blocking.
+
+    Raises VerificationError on other bytes, another row count, or other primary keys.
+    """
+    data = storage.get(key)
+    where = storage.describe(key)
+    if codec.checksum(data) != sha256:
+        raise VerificationError(f"{where} read back with different bytes than were written")
+    facts = codec.read_facts(data)
+    if facts.rows != len(ids):
+        raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(ids)}")
+    if len(set(facts.ids)) != len(facts.ids) or set(facts.ids) != set(ids):
+        raise VerificationError(f"{where} does not hold exactly the primary keys selected")
+    return FileRecord(
+        table=table, key=key, rows=facts.rows, bytes=len(data), sha256=sha256, role=role
+    )
 
 
 def list_batches(storage: Storage) -> list[BatchManifest]:

@@ -134,3 +134,34 @@ def test_recovery_leaves_another_databases_batches_alone(
     assert any("belongs to another database" in m for m in report.recovered)
     assert_nothing_lost(sqlite_database, local_storage, before)  # its committed files stay
     finish_and_check(sqlite_database, local_storage, before)
+
+
+def restore_in_child(db: Any, storage: Any, root_id: str, kill_at: str) -> None:
+    script = (
+        "import asyncio, os, signal, sys\n"
+        "from archiver.restore import RestoreOptions, restore\n"
+        "from archiver.source.engine import DatabaseOptions\n"
+        "def hook(step, _):\n"
+        f"    if step == {kill_at!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"options = RestoreOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
+        f"{storage.options!r}, run_ids=({root_id!r},))\n"
+        "asyncio.run(restore(options, hook))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+
+
+@pytest.mark.parametrize("step", ["rewritten", "committed"])
+def test_restore_killed_mid_rewrite_is_resolved(database: Any, storage: Any, step: str) -> None:
+    trees = [factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i))
+             for i in range(2)]  # fmt: skip
+    before = {table: database.ids(table) for table in RUN_TABLES}
+    archive(database, storage)
+
+    restore_in_child(database, storage, trees[0].root_id, step)
+
+    assert_nothing_lost(database, storage, before)
+    restored = trees[0].root_id in database.ids("flow_run")
+    assert restored == (step == "committed")
+    finish_and_check(database, storage, before)  # recovery, then the backlog again

@@ -16,7 +16,15 @@ from archiver.restore import RestoreOptions, RestoreReport, restore
 from archiver.source.engine import DatabaseOptions
 from tests import factory
 from tests.helpers import EXPIRED, archive
-from tests.oracle import RUN_TABLES, db_rows, field_kinds, normalise
+from tests.oracle import (
+    RUN_TABLES,
+    archived_ids,
+    assert_archive_consistent,
+    assert_nothing_lost,
+    db_rows,
+    field_kinds,
+    normalise,
+)
 
 
 def restore_into(db: Any, storage: Any, **selection: Any) -> RestoreReport:
@@ -89,19 +97,24 @@ def test_restore_one_run_out_of_many(database: Any, storage: Any) -> None:
     assert database.ids("log") == set(trees[1].log_ids)
 
 
-def test_existing_rows_are_skipped_or_refused(database: Any, storage: Any) -> None:
-    trees = make_trees(database, 2)
-    archive(database, storage)
-    first = restore_into(database, storage, run_ids=(trees[0].root_id,))
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+def test_existing_rows_are_skipped_or_refused(
+    sqlite_database: Any, postgres_database: Any, local_storage: Any
+) -> None:
+    trees = make_trees(sqlite_database, 2)
+    archive(sqlite_database, local_storage)
+    # a copy into another database, then again: every row is there already
+    first = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
+    before = {table: db_rows(postgres_database, table) for table in RUN_TABLES}
 
-    again = restore_into(database, storage, run_ids=(trees[0].root_id,))
+    again = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
     with pytest.raises(ArchiverError, match="already exist"):
-        restore_into(database, storage, run_ids=(trees[0].root_id,), on_conflict="error")
+        restore_into(
+            postgres_database, local_storage, run_ids=(trees[0].root_id,), on_conflict="error"
+        )
 
     assert first.inserted["flow_run"] == 2 and again.inserted["flow_run"] == 0
     assert again.existing["flow_run"] == 2
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert {table: db_rows(postgres_database, table) for table in RUN_TABLES} == before
 
 
 def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
@@ -134,3 +147,39 @@ def test_restore_command(tmp_path: Any, sqlite_database: Any, local_storage: Any
     assert dry.exit_code == 0 and "would restore 1 runs" in dry.stdout
     assert real.exit_code == 0 and "restored 1 runs" in real.stdout
     assert sqlite_database.ids("flow_run") == set(trees[0].flow_run_ids)
+
+
+def test_restore_moves_rows_out_of_the_archive_so_they_can_be_archived_again(
+    database: Any, storage: Any
+) -> None:
+    trees = make_trees(database, 3)
+    before = {table: database.ids(table) for table in RUN_TABLES}
+    archive(database, storage)  # one batch with all three
+
+    report = restore_into(database, storage, run_ids=(trees[1].root_id,))
+
+    assert len(report.rewritten) == 1
+    assert archived_ids(storage)["flow_run"] == set(trees[0].flow_run_ids) | set(
+        trees[2].flow_run_ids
+    )
+    assert_nothing_lost(database, storage, before)
+    assert_archive_consistent(database, storage)
+
+    archive(database, storage)  # the restored run expires again
+
+    assert database.count("flow_run") == 0
+    assert_nothing_lost(database, storage, before)  # every row once, no duplicates
+    assert_archive_consistent(database, storage)
+
+
+def test_restore_into_another_database_copies(
+    sqlite_database: Any, postgres_database: Any, local_storage: Any
+) -> None:
+    trees = make_trees(sqlite_database, 2)
+    archive(sqlite_database, local_storage)
+    files_before = local_storage.keys("")
+
+    report = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
+
+    assert report.rewritten == [] and local_storage.keys("") == files_before
+    assert postgres_database.ids("flow_run") == set(trees[0].flow_run_ids)

@@ -68,6 +68,15 @@ async def record_commit(conn: AsyncConnection, batch_id: str, manifest_json: str
     )
 
 
+async def forget_batch(conn: AsyncConnection, batch_id: str) -> bool:
+    """Drop a batch that is being rewritten; False if it was not (or no longer) there."""
+    table = _TABLE[conn.dialect.name]
+    result = await conn.execute(
+        text(f"DELETE FROM {table} WHERE batch_id = :batch_id"), {"batch_id": batch_id}
+    )
+    return bool(result.rowcount == 1)
+
+
 async def committed_manifest(conn: AsyncConnection, batch_id: str) -> str | None:
     """The manifest a committed batch recorded, or None if it never committed."""
     table = _TABLE[conn.dialect.name]
