@@ -27,7 +27,7 @@ from archiver.settings import Settings, load_settings
 from archiver.show import RunView, show_run
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.storage import Storage
-from archiver.verify import list_batches, verify_archive
+from archiver.verify import VerifyScope, list_batches, verify_archive
 
 app = typer.Typer(
     help="Archive expired Prefect runs to Parquet, verify them, then delete them.",
@@ -209,13 +209,24 @@ def ls_command(config: ConfigOption = None) -> None:
 
 
 @app.command("verify")
-def verify_command(config: ConfigOption = None) -> None:
-    """Re-read every manifest and file; exit 1 if anything is missing, extra or different."""
+def verify_command(
+    config: ConfigOption = None,
+    sample: Annotated[
+        int | None, typer.Option(min=1, help="Re-read this many random batches only.")
+    ] = None,
+    ended_after: Annotated[
+        datetime | None, typer.Option(help="Only batches with runs ending at or after (UTC).")
+    ] = None,
+    ended_before: Annotated[
+        datetime | None, typer.Option(help="Only batches with runs ending before (UTC).")
+    ] = None,
+) -> None:
+    """Re-read manifests and files; exit 1 if anything is missing, extra or different."""
     try:
         settings = load_settings(config)
-        report = asyncio.run(
-            verify_archive(Storage(settings.storage_url, settings.storage_options))
-        )
+        scope = VerifyScope(_utc(ended_after), _utc(ended_before), sample)
+        storage = Storage(settings.storage_url, settings.storage_options)
+        report = asyncio.run(verify_archive(storage, scope))
     except ArchiverError as exc:
         _fail(exc)
     for problem in report.problems:

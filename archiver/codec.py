@@ -71,6 +71,7 @@ class FileFacts:
     ids: list[str]
     metadata: dict[str, str]
     sha256: str
+    schema_problems: list[str]
 
 
 def checksum(data: bytes) -> str:
@@ -122,7 +123,20 @@ def read_facts(data: bytes) -> FileFacts:
         raise VerificationError(f"not a readable Parquet file ({exc})") from None
     raw = parquet.schema_arrow.metadata or {}
     metadata = {key.decode(): value.decode() for key, value in raw.items()}
-    return FileFacts(parquet.metadata.num_rows, ids, metadata, checksum(data))
+    problems = _schema_problems(parquet.schema_arrow)
+    return FileFacts(parquet.metadata.num_rows, ids, metadata, checksum(data), problems)
+
+
+def _schema_problems(schema: pa.Schema) -> list[str]:
+    """Columns whose Arrow type is not the one their recorded kind promises."""
+    problems = []
+    for field in schema:
+        kind = (field.metadata or {}).get(b"archiver.kind", b"").decode()
+        if kind not in Kind.__members__.values():
+            problems.append(f"column {field.name} has no archiver kind")
+        elif field.type != ARROW_TYPES[Kind(kind)]:
+            problems.append(f"column {field.name} is {field.type}, not {kind}")
+    return problems
 
 
 def _array(column: Column, values: list[Any]) -> pa.Array:

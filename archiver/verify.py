@@ -11,8 +11,10 @@ in its own metadata; and Parquet files that no manifest names. Open batches
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 import pyarrow.dataset as ds
@@ -81,23 +83,42 @@ def open_archive(url: str, options: dict[str, object] | None = None) -> dict[str
     }
 
 
-async def verify_archive(storage: Storage) -> VerifyReport:
-    """Check every batch and file; never raises for a damaged archive, only reports it."""
-    return await asyncio.to_thread(_verify, storage)
+@dataclass(frozen=True)
+class VerifyScope:
+    """Which batches to re-read: all, a date range of their runs' end times, a random sample."""
+
+    ended_after: datetime | None = None
+    ended_before: datetime | None = None
+    sample: int | None = None
+
+    def choose(self, manifests: list[BatchManifest]) -> list[BatchManifest]:
+        chosen = [
+            m for m in manifests
+            if (self.ended_after is None or m.end_time_max >= self.ended_after)
+            and (self.ended_before is None or m.end_time_min < self.ended_before)
+        ]  # fmt: skip
+        if self.sample is not None and self.sample < len(chosen):
+            chosen = random.sample(chosen, self.sample)
+        return chosen
 
 
-def _verify(storage: Storage) -> VerifyReport:
+async def verify_archive(storage: Storage, scope: VerifyScope | None = None) -> VerifyReport:
+    """Check batches and files; never raises for a damaged archive, only reports it."""
+    return await asyncio.to_thread(_verify, storage, scope or VerifyScope())
+
+
+def _verify(storage: Storage, scope: VerifyScope) -> VerifyReport:
     report = VerifyReport()
-    named: set[str] = set()
+    manifests = []
     for key in storage.list(MANIFEST_DIR):
         try:
-            manifest = BatchManifest.from_json(storage.get(key), storage.describe(key))
+            manifests.append(BatchManifest.from_json(storage.get(key), storage.describe(key)))
         except ArchiverError as exc:
             report.problems.append(str(exc.message))
-            continue
+    named = {record.key for manifest in manifests for record in manifest.files}
+    for manifest in scope.choose(manifests):
         report.batches += 1
         for record in manifest.files:
-            named.add(record.key)
             report.files += 1
             report.rows += record.rows
             report.problems.extend(_check_file(storage, manifest, record))
@@ -124,6 +145,7 @@ def _check_file(storage: Storage, manifest: BatchManifest, record: FileRecord) -
         problems.append(f"{where} belongs to another batch than {manifest.batch_id}")
     if facts.metadata.get("archiver.table") != record.table:
         problems.append(f"{where} holds another table than {record.table}")
+    problems.extend(f"{where}: {problem}" for problem in facts.schema_problems)
     return problems
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -113,3 +116,34 @@ def test_show_reads_a_run_from_the_archive_alone(
     assert by_subflow.exit_code == 0 and tree.subflow_ids[-1] in by_subflow.stdout
     assert tree.root_id not in by_subflow.stdout
     assert missing.exit_code == 1 and "is not in the archive" in missing.stderr
+
+
+def test_verify_catches_a_wrong_schema(archived: Path, storage: Any) -> None:
+    key = next(k for k in storage.keys(".json") if k.startswith("_manifests/"))
+    manifest = json.loads(storage.read_bytes(key))
+    record = next(r for r in manifest["files"] if r["table"] == "flow_run")
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(record["key"])))
+    index = table.schema.get_field_index("run_count")
+    field = table.schema.field(index)
+    table = table.set_column(
+        index, field.with_type(pa.string()), table["run_count"].cast(pa.string())
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    storage.write_bytes(record["key"], data)
+    record.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    storage.write_bytes(key, json.dumps(manifest).encode())
+
+    result = verify(archived)
+
+    assert result.exit_code == 1 and "column run_count is string, not int32" in result.stderr
+
+
+def test_verify_a_sample_or_a_date_range(archived: Path, storage: Any) -> None:
+    sample = CliRunner().invoke(app, ["verify", "-c", str(archived), "--sample", "1"])
+    before = CliRunner().invoke(
+        app, ["verify", "-c", str(archived), "--ended-before", "2000-01-01T00:00:00"]
+    )
+    assert sample.exit_code == 0 and "1 batches" in sample.stdout
+    assert before.exit_code == 0 and "0 batches" in before.stdout
