@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from archiver.manifest import BatchManifest, PendingMarker
 from archiver.source import ledger
 from archiver.source.engine import translate_error, write_transaction_options
-from archiver.storage import PENDING_DIR, Storage, manifest_key
+from archiver.storage import PENDING_DIR, MissingKeyError, Storage, manifest_key
 
 
 async def recover(engine: AsyncEngine, storage: Storage) -> list[str]:
@@ -37,7 +37,11 @@ async def recover(engine: AsyncEngine, storage: Storage) -> list[str]:
         for key in await asyncio.to_thread(storage.list, PENDING_DIR):
             if not key.endswith(".json"):
                 continue
-            marker = PendingMarker.from_json(await asyncio.to_thread(storage.get, key), key)
+            try:
+                data = await asyncio.to_thread(storage.get, key)
+            except MissingKeyError:
+                continue  # its archiver finished it between our listing and reading
+            marker = PendingMarker.from_json(data, key)
             if marker.source_id != source_id:
                 messages.append(f"batch {marker.batch_id} belongs to another database: left alone")
                 continue

@@ -39,6 +39,10 @@ class TransientStorageError(StorageError):
     """A failure worth retrying (network, throttling, 5xx)."""
 
 
+class MissingKeyError(StorageError):
+    """The key (or the bucket or folder above it) does not exist."""
+
+
 def data_key(table: str, partition: str, batch_id: str) -> str:
     return f"{table}/{partition}/{batch_id}.parquet"
 
@@ -147,7 +151,7 @@ class Storage:
         except StorageError:
             raise
         except FileNotFoundError as exc:
-            raise StorageError(
+            raise MissingKeyError(
                 f"{action} {where} failed: not found ({exc})",
                 hint="check that the bucket or folder in storage_url exists",
             ) from None
