@@ -183,3 +183,16 @@ def test_restore_into_another_database_copies(
 
     assert report.rewritten == [] and local_storage.keys("") == files_before
     assert postgres_database.ids("flow_run") == set(trees[0].flow_run_ids)
+
+
+def test_columns_that_differ_between_archive_and_target(database: Any, storage: Any) -> None:
+    tree = make_trees(database, 1)[0]
+    archive(database, storage)
+    database.execute("ALTER TABLE flow_run DROP COLUMN infrastructure_pid")
+    database.execute("ALTER TABLE flow_run ADD COLUMN added_later VARCHAR DEFAULT 'new default'")
+
+    report = restore_into(database, storage, run_ids=(tree.root_id,))
+
+    assert report.dropped_columns == {"flow_run": ["infrastructure_pid"]}
+    values = database.rows("SELECT added_later FROM flow_run")
+    assert values and {row["added_later"] for row in values} == {"new default"}
