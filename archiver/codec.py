@@ -58,10 +58,6 @@ class EncodedFile:
     rows: int
     sha256: str
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
 
 @dataclass(frozen=True)
 class FileFacts:

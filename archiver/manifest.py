@@ -55,9 +55,6 @@ class BatchManifest(BaseModel):
     #: the batch this one rewrote (rows restored out of it); that batch is gone
     replaces: str | None = None
 
-    def rows_by_table(self) -> dict[str, int]:
-        return {f.table: f.rows for f in self.files if f.role == "archived"}
-
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
 
