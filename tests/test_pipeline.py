@@ -280,3 +280,15 @@ def test_a_subflow_added_after_the_tree_was_walked_stops_the_batch(
             await engine.dispose()
 
     asyncio.run(check())
+
+
+def test_task_run_logs_without_a_flow_run_id_go_with_their_tree(
+    database: Any, storage: Any
+) -> None:
+    tree = factory.make_tree(database, end_time=EXPIRED)
+    only_task = factory.make_log(database, task_run_id=tree.task_run_ids[0])
+
+    archive(database, storage)
+
+    assert only_task in archived_ids(storage)["log"]
+    assert database.count("log") == 0

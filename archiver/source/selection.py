@@ -41,6 +41,7 @@ _EXPIRED = (
     " AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_FLOW_RUN = " AND flow_run_id IS NULL"
 _AFTER = " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
 
 
@@ -161,12 +162,19 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
         "flow_run_state": flow_states,
         "task_run_state": task_states,
         "flow_run_input": await reader.rows("flow_run_input", "flow_run_id", run_ids),
+        # A task run's logs and artifacts normally carry its flow run id too, so the
+        # task-run lookup only takes those without one (it would read most logs twice).
+        # One that names a flow run outside the tree is left in the database, not lost.
         "log": await reader.rows_by_any(
-            "log", [("flow_run_id", run_ids), ("task_run_id", task_ids)]
+            "log", [("flow_run_id", run_ids, ""), ("task_run_id", task_ids, _NO_FLOW_RUN)]
         ),
         "artifact": await reader.rows_by_any(  # locked: users may edit artifacts
             "artifact",
-            [("flow_run_id", run_ids), ("task_run_id", task_ids), ("id", sorted(result_artifacts))],
+            [
+                ("flow_run_id", run_ids, ""),
+                ("task_run_id", task_ids, _NO_FLOW_RUN),
+                ("id", sorted(result_artifacts), ""),
+            ],
             lock=True,
         ),
         "task_run_state_cache": await reader.rows(
@@ -263,25 +271,32 @@ class _Reader:
                 )
 
     async def rows(
-        self, table: str, column: str, ids: Sequence[str], *, lock: bool = False
+        self,
+        table: str,
+        column: str,
+        ids: Sequence[str],
+        *,
+        lock: bool = False,
+        extra: str = "",
     ) -> TableRows:
         shape = self.schema.shape(table)
         found = TableRows(shape)
         suffix = " FOR UPDATE" if lock and self.dialect == "postgresql" else ""
-        sql = f"SELECT {self._columns(shape)} FROM {table} WHERE {self._in(column)}{suffix}"
+        where = f"{self._in(column)}{extra}"
+        sql = f"SELECT {self._columns(shape)} FROM {table} WHERE {where}{suffix}"
         for chunk in self._chunks(ids):
             result = await self.conn.execute(self._statement(sql), {"ids": chunk})
             found.rows.extend(tuple(row) for row in result.all())
         return found
 
     async def rows_by_any(
-        self, table: str, lookups: list[tuple[str, Sequence[str]]], *, lock: bool = False
+        self, table: str, lookups: list[tuple[str, Sequence[str], str]], *, lock: bool = False
     ) -> TableRows:
         """Rows matching any of several indexed lookups, each row once (no OR scans)."""
         by_id: dict[str, tuple[Any, ...]] = {}
         id_index = self.schema.shape(table).id_index
-        for column, ids in lookups:
-            for row in (await self.rows(table, column, ids, lock=lock)).rows:
+        for column, ids, extra in lookups:
+            for row in (await self.rows(table, column, ids, lock=lock, extra=extra)).rows:
                 by_id.setdefault(str(row[id_index]), row)
         return TableRows(self.schema.shape(table), list(by_id.values()))
 
