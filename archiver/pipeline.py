@@ -176,7 +176,7 @@ async def _run(
     if options.dry_run:
         return report
     source_id = await ensure_source(engine)
-    report.recovered = await recover(engine, storage)
+    report.recovered = await recover(engine, storage, source_id)
     try:
         await _loop(_Batcher(engine, storage, schema, options, hook, source_id), options, report)
     except ArchiverError as exc:

@@ -29,9 +29,12 @@ from archiver.source.engine import translate_error, write_transaction_options
 from archiver.storage import PENDING_DIR, MissingKeyError, Storage, manifest_key
 
 
-async def recover(engine: AsyncEngine, storage: Storage) -> list[str]:
-    """Resolve every open batch of this database; return one line per batch it touched."""
-    source_id = await ensure_source(engine)
+async def recover(engine: AsyncEngine, storage: Storage, source_id: str | None = None) -> list[str]:
+    """Resolve every open batch of this database; return one line per batch it touched.
+
+    ``source_id`` is this database's (see :func:`ensure_source`), when the caller has it.
+    """
+    source_id = source_id or await ensure_source(engine)
     try:
         messages = []
         for key in await asyncio.to_thread(storage.list, PENDING_DIR):

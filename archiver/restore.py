@@ -42,7 +42,7 @@ from archiver.source.engine import (
     write_transaction_options,
 )
 from archiver.source.schema import PrefectSchema, inspect_schema
-from archiver.source.selection import SQLITE_TIME_FORMAT
+from archiver.source.selection import to_db_time
 from archiver.storage import Storage
 from archiver.verify import list_batches
 
@@ -392,7 +392,7 @@ class _Writer:
             self.report.existing[table] = len(existing)
         if new_rows:
             await self.conn.execute(self._statement(table, columns), [
-                {c.name: self._value(c.kind, r.get(c.name), table, c.name) for c in columns}
+                {c.name: self._value(c.kind, r.get(c.name)) for c in columns}
                 for r in new_rows
             ])  # fmt: skip
 
@@ -417,14 +417,15 @@ class _Writer:
             return f"CAST(CAST(:{column.name} AS text) AS {cast})"
         return f":{column.name}"
 
-    def _value(self, kind: Kind, value: Any, table: str, column: str) -> Any:
+    def _value(self, kind: Kind, value: Any) -> Any:
+        """SQLite stores timestamps as naive UTC text and intervals as epoch plus duration."""
         if value is None or self.dialect != "sqlite":
             return value
         if kind is Kind.TIMESTAMP:
-            return value.astimezone(UTC).replace(tzinfo=None).strftime(SQLITE_TIME_FORMAT)
+            return to_db_time("sqlite", value)
         if kind is Kind.INTERVAL:
             assert isinstance(value, timedelta)
-            return (_EPOCH + value).replace(tzinfo=None).strftime(SQLITE_TIME_FORMAT)
+            return to_db_time("sqlite", _EPOCH + value)
         return value
 
     async def link_flow_runs(self, runs: pa.Table) -> None:
