@@ -1,13 +1,16 @@
 """The ``archiver`` command: parse, call one library function, render, map errors to exit codes.
 
-Exit codes: 0 success; 1 an archiver error (one line on stderr, nothing was
-deleted by the failed step), or `verify` found the archive not sound; 2 bad usage.
+Exit codes: 0 success (for `run`: also stopped by a signal or a limit you set,
+with every batch begun committed or rolled back whole); 1 an archiver error (one
+line on stderr, nothing was deleted by the failed step; batches committed before
+it are archived and stay so), or `verify` found the archive not sound; 2 bad usage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,10 +22,13 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from archiver.errors import ArchiverError
-from archiver.pipeline import RunOptions, RunReport, run
+from archiver.console import JsonLines, Reporter, TerminalProgress
+from archiver.errors import ArchiverError, ConfigError
+from archiver.pipeline import RunOptions, RunReport
 from archiver.recovery import recover
 from archiver.restore import RestoreOptions, restore
+from archiver.schedule import Schedule, parse_duration
+from archiver.service import Service
 from archiver.settings import Settings, load_settings
 from archiver.show import RunView, show_run
 from archiver.source.engine import DatabaseOptions, create_engine
@@ -75,14 +81,74 @@ def run_command(
     max_batches: Annotated[
         int | None, typer.Option("--max-batches", min=1, help="Stop after this many batches.")
     ] = None,
+    max_runtime: Annotated[
+        str | None,
+        typer.Option(help="Start no batch that would end later than this (e.g. 50m, 1h)."),
+    ] = None,
+    loop: Annotated[
+        bool, typer.Option("--loop", help="Keep running: a whole run on every schedule tick.")
+    ] = False,
+    every: Annotated[
+        str | None, typer.Option(help="With --loop: run now, then every 1h (30m, 1d, PT1H...).")
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option(help='With --loop: run on a cron expression, "0 * * * *" (UTC).')
+    ] = None,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="JSON lines on stdout even on a terminal.")
+    ] = False,
+    metrics_file: Annotated[
+        Path | None, typer.Option(help="Write Prometheus metrics here (node_exporter textfile).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="With --loop: serve Prometheus /metrics on this port."),
+    ] = None,
 ) -> None:
     """Archive expired top-level flow runs (with their whole trees), verify, then delete."""
     try:
         settings = load_settings(config, max_batches=max_batches)
-        report = asyncio.run(run(_options(settings, dry_run=not (settings.enabled or yes))))
+        options = replace(
+            _options(settings, dry_run=not (settings.enabled or yes)),
+            max_runtime=parse_duration(max_runtime, "--max-runtime") if max_runtime else None,
+        )
+        service = Service(
+            options,
+            _reporter(json_lines),
+            schedule=_schedule(loop, every, cron, metrics_port),
+            metrics_file=metrics_file,
+            metrics_port=metrics_port,
+            on_signal=_stopping,
+        )
+        service.serve()
     except ArchiverError as exc:
         _fail(exc)
-    _render(report)
+
+
+def _schedule(
+    loop: bool, every: str | None, cron: str | None, metrics_port: int | None
+) -> Schedule | None:
+    if loop:
+        return Schedule.parse(every, cron)
+    if every or cron or metrics_port:
+        raise ConfigError(
+            "--every, --cron and --metrics-port need --loop",
+            hint="add --loop, or use --metrics-file for a single run",
+        )
+    return None
+
+
+def _reporter(json_lines: bool) -> Reporter:
+    if json_lines or not out.is_terminal:
+        return JsonLines(sys.stdout, err)
+    return TerminalProgress(out, err)
+
+
+def _stopping(signal_name: str) -> None:
+    err.print(
+        f"{signal_name}: finishing the batch in hand, then exiting (again to stop at once)",
+        markup=False, highlight=False,
+    )  # fmt: skip
 
 
 @app.command("recover")
@@ -254,41 +320,13 @@ async def _recover(settings: Settings) -> list[str]:
 def _fail(exc: ArchiverError) -> None:
     done = exc.partial_report
     if isinstance(done, RunReport) and done.batches:
-        out.print(
+        err.print(
             f"before the error, {len(done.batches)} batches ({done.archived_roots} runs) "
             "were archived, verified and committed",
             markup=False, highlight=False,
         )  # fmt: skip
     err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
-
-
-def _render(report: RunReport) -> None:
-    for warning in report.warnings:
-        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
-    for message in report.recovered:
-        out.print(f"recovered: {message}", markup=False, highlight=False)
-    span = ""
-    if report.oldest_end_time and report.newest_end_time:
-        span = f" (ended {report.oldest_end_time:%Y-%m-%d} .. {report.newest_end_time:%Y-%m-%d})"
-    out.print(
-        f"{report.expired_roots} expired top-level runs before {report.cutoff:%Y-%m-%d %H:%M} UTC"
-        + span, markup=False, highlight=False,
-    )  # fmt: skip
-    if report.dry_run:
-        out.print("dry run: nothing archived or deleted; set enabled = true or pass --yes to act")
-        return
-    table = Table("table", "rows archived", title=None)
-    for name, count in sorted(report.rows.items()):
-        table.add_row(name, f"{count:,}")
-    out.print(table)
-    out.print(
-        f"archived {report.archived_roots} runs in {len(report.batches)} batches, "
-        f"{report.bytes / 1e6:.2f} MB written, {report.seconds:.1f} s"
-        + (f"; skipped {len(report.skipped_roots)} runs with live subflows"
-           if report.skipped_roots else ""),
-        markup=False, highlight=False,
-    )  # fmt: skip
 
 
 def main() -> None:

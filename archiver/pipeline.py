@@ -46,6 +46,7 @@ from archiver.errors import (
 from archiver.manifest import BatchManifest, FileRecord, PendingMarker
 from archiver.models import Root, TableRows
 from archiver.recovery import ensure_source, recover
+from archiver.report import write_run_report
 from archiver.source import ledger
 from archiver.source.deletion import delete_archived
 from archiver.source.engine import (
@@ -62,6 +63,10 @@ from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
 StepHook = Callable[[str, str], None]
+#: Called as ``on_batch(run_so_far, batch)`` after each committed batch (progress, metrics).
+BatchListener = Callable[["RunReport", "BatchReport"], None]
+#: Why a run ended: nothing expired left, or a limit or a stop request came first.
+Outcome = Literal["dry_run", "done", "stopped", "max_batches", "max_runtime", "failed"]
 Role = Literal["archived", "reference"]
 STEPS = (
     "gathered", "marker", "file", "files", "verified", "deleted", "committed", "manifest", "done"
@@ -83,6 +88,9 @@ class RunOptions:
     batch_attempts: int = 3  # tries per batch when it fails for a transient reason
     dry_run: bool = True
     now: datetime | None = None  # the clock, for tests; default: the current UTC time
+    #: start no batch that would end after this much time (judged by the longest batch so far)
+    max_runtime: timedelta | None = None
+    write_report: bool = True  # put _reports/<run_id>.json in the archive after a run
 
     @property
     def cutoff(self) -> datetime:
@@ -99,6 +107,8 @@ class BatchReport:
     bytes: int
     seconds: float
     stages: dict[str, float]
+    #: bytes written per table, the snapshots (flow, deployment) included
+    table_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +123,10 @@ class RunReport:
     recovered: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    run_id: str = field(default_factory=lambda: _time_sortable_id(datetime.now(UTC)))
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    outcome: Outcome = "done"
+    error: str | None = None  # the one-line error of a failed run
 
     @property
     def archived_roots(self) -> int:
@@ -131,31 +145,60 @@ class RunReport:
         return sum(batch.bytes for batch in self.batches)
 
 
-async def run(options: RunOptions, hook: StepHook | None = None) -> RunReport:
+async def run(
+    options: RunOptions,
+    hook: StepHook | None = None,
+    *,
+    on_batch: BatchListener | None = None,
+    stop: asyncio.Event | None = None,
+) -> RunReport:
     """Archive expired run trees batch by batch until none remain.
 
     With ``options.dry_run`` it only counts what it would archive. Raises
     ArchiverError subclasses; a failed batch is rolled back before raising.
+    Setting ``stop`` (SIGTERM, for example) ends the run after the batch in
+    hand, which commits or rolls back whole; ``report.outcome`` says why the
+    run ended. Unless dry, the run's report is written to ``_reports/``.
     """
     started = time.monotonic()
     options = replace(options, now=options.now or datetime.now(UTC))  # one cutoff per run
     storage = Storage(options.storage_url, options.storage_options)
     await asyncio.to_thread(storage.check_reachable)
     engine = create_engine(options.database)
+    watch = _Watch(options, started, on_batch, stop or asyncio.Event())
     try:
-        report = await _run(engine, storage, options, hook or _no_hook)
+        report = await _run(engine, storage, options, hook or _no_hook, watch)
+    except ArchiverError as exc:
+        if isinstance(exc.partial_report, RunReport):
+            exc.partial_report.outcome, exc.partial_report.error = "failed", str(exc)
+            await _finish(exc.partial_report, storage, options, started)
+        raise
     finally:
         await engine.dispose()
-    report.seconds = time.monotonic() - started
+    await _finish(report, storage, options, started)
     return report
+
+
+async def _finish(report: RunReport, storage: Storage, options: RunOptions, started: float) -> None:
+    report.seconds = time.monotonic() - started
+    if options.dry_run or not options.write_report:
+        return
+    try:
+        await asyncio.to_thread(write_run_report, storage, report)
+    except StorageError as exc:  # the batches are committed; only the summary is missing
+        report.warnings.append(f"the run report was not written: {exc.message}")
 
 
 def _no_hook(step: str, batch_id: str) -> None:
     return None
 
 
+def _time_sortable_id(moment: datetime) -> str:
+    return f"{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
+
+
 async def _run(
-    engine: AsyncEngine, storage: Storage, options: RunOptions, hook: StepHook
+    engine: AsyncEngine, storage: Storage, options: RunOptions, hook: StepHook, watch: _Watch
 ) -> RunReport:
     url = options.database.url
     cutoff = options.cutoff
@@ -174,30 +217,70 @@ async def _run(
             "writing to cancelled runs archiver takes (a day or more is safe)"
         )
     if options.dry_run:
+        report.outcome = "dry_run"
         return report
-    source_id = await ensure_source(engine)
-    report.recovered = await recover(engine, storage, source_id)
     try:
-        await _loop(_Batcher(engine, storage, schema, options, hook, source_id), options, report)
+        source_id = await ensure_source(engine)
+        report.recovered = await recover(engine, storage, source_id)
+        await _loop(_Batcher(engine, storage, schema, options, hook, source_id), watch, report)
     except ArchiverError as exc:
         exc.partial_report = report
         raise
     return report
 
 
-async def _loop(batcher: _Batcher, options: RunOptions, report: RunReport) -> None:
+async def _loop(batcher: _Batcher, watch: _Watch, report: RunReport) -> None:
     after: Root | None = None
-    while options.max_batches is None or len(report.batches) < options.max_batches:
+    while not watch.should_stop(report):
         outcome = await batcher.run_one(after)
         if outcome is None:
+            report.outcome = "done"
             return
         after, batch = outcome
         if batch is None:
             continue  # every root of this slice had a live subflow; move on
         report.batches.append(batch)
         report.skipped_roots.extend(batch.skipped_roots)
-        if options.batch_interval:
-            await asyncio.sleep(options.batch_interval)
+        watch.batch_done(report, batch)
+        await watch.pause()
+
+
+@dataclass
+class _Watch:
+    """The limits of one run (batches, time, a stop request) and who hears of its batches."""
+
+    options: RunOptions
+    started: float
+    on_batch: BatchListener | None
+    stop: asyncio.Event
+    longest_batch: float = 0.0
+
+    def should_stop(self, report: RunReport) -> bool:
+        """Decide before each batch, so a batch is never cut short by a limit."""
+        limit = self.options.max_runtime
+        elapsed = time.monotonic() - self.started
+        if self.stop.is_set():
+            report.outcome = "stopped"
+        elif self.options.max_batches is not None and (
+            len(report.batches) >= self.options.max_batches
+        ):
+            report.outcome = "max_batches"
+        elif limit is not None and elapsed + self.longest_batch > limit.total_seconds():
+            report.outcome = "max_runtime"
+        else:
+            return False
+        return True
+
+    def batch_done(self, report: RunReport, batch: BatchReport) -> None:
+        self.longest_batch = max(self.longest_batch, batch.seconds)
+        if self.on_batch is not None:
+            self.on_batch(report, batch)
+
+    async def pause(self) -> None:
+        """Sleep batch_interval, waking at once on a stop request."""
+        if self.options.batch_interval:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.options.batch_interval)
 
 
 class _Batcher:
@@ -362,7 +445,7 @@ class _PlannedBatch:
         self.source_id = source_id
         self.created_at = datetime.now(UTC)
         # Sortable by time, and unique: two attempts at the same runs never share a name.
-        self.batch_id = f"{self.created_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
+        self.batch_id = _time_sortable_id(self.created_at)
         months = {f"{root.end_time.astimezone(UTC):%Y-%m}" for root in gathered.roots}
         assert len(months) == 1, "lock_roots returns roots of one month"
         self.partition = f"month={months.pop()}"
@@ -425,6 +508,7 @@ class _PlannedBatch:
             bytes=sum(f.bytes for f in manifest.files),
             seconds=clock.total(),
             stages=clock.laps,
+            table_bytes={f.table: f.bytes for f in manifest.files},
         )
 
 

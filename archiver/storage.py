@@ -5,6 +5,7 @@ Keys are relative to the archive root (``storage_url``)::
     <table>/month=YYYY-MM/<batch_id>.parquet   one file per table per batch (Hive layout)
     _pending/<batch_id>.json                   intent marker, written before any data file
     _manifests/<batch_id>.json                 written after the database commit
+    _reports/<run_id>.json                     a run's report (a summary, not a record)
 
 Writes are atomic: object stores publish a PUT whole; on a local disk the file
 is written under a dot-name (which pyarrow and DuckDB ignore) and renamed.
@@ -33,6 +34,7 @@ from archiver.errors import ConfigError, StorageError
 T = TypeVar("T")
 PENDING_DIR = "_pending"
 MANIFEST_DIR = "_manifests"
+REPORT_DIR = "_reports"
 
 
 class TransientStorageError(StorageError):
@@ -53,6 +55,10 @@ def pending_key(batch_id: str) -> str:
 
 def manifest_key(batch_id: str) -> str:
     return f"{MANIFEST_DIR}/{batch_id}.json"
+
+
+def report_key(run_id: str) -> str:
+    return f"{REPORT_DIR}/{run_id}.json"
 
 
 def _retrying(call: Callable[..., T]) -> Callable[..., T]:

@@ -41,8 +41,8 @@ def test_run_without_enabled_only_reports(tmp_path: Path, database: Any, storage
     result = invoke("run", "--config", str(config_for(tmp_path, database, storage)))
 
     assert result.exit_code == 0, result.output
-    assert "1 expired top-level runs" in result.stdout
-    assert "dry run: nothing archived or deleted" in result.stdout
+    assert "1 expired top-level runs" in result.stderr
+    assert "dry run: nothing archived or deleted" in result.stderr
     assert snapshot(database) == before
 
 
@@ -52,7 +52,7 @@ def test_run_with_yes_archives(tmp_path: Path, database: Any, storage: Any) -> N
     result = invoke("run", "--yes", "--config", str(config_for(tmp_path, database, storage)))
 
     assert result.exit_code == 0, result.output
-    assert "archived 1 runs in 1 batches" in result.stdout
+    assert "archived 1 runs in 1 batches" in result.stderr
     assert archived_ids(storage)["flow_run"] == set(tree.flow_run_ids)
     assert database.count("flow_run") == 0
 
