@@ -107,15 +107,19 @@ def run_command(
 ) -> None:
     """Archive expired top-level flow runs (with their whole trees), verify, then delete."""
     try:
+        runtime = parse_duration(max_runtime, "--max-runtime") if max_runtime else None
+        schedule = _schedule(loop, every, cron, metrics_port)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None  # bad usage: exit code 2
+    try:
         settings = load_settings(config, max_batches=max_batches)
         options = replace(
-            _options(settings, dry_run=not (settings.enabled or yes)),
-            max_runtime=parse_duration(max_runtime, "--max-runtime") if max_runtime else None,
+            _options(settings, dry_run=not (settings.enabled or yes)), max_runtime=runtime
         )
         service = Service(
             options,
             _reporter(json_lines),
-            schedule=_schedule(loop, every, cron, metrics_port),
+            schedule=schedule,
             metrics_file=metrics_file,
             metrics_port=metrics_port,
             on_signal=_stopping,

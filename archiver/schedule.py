@@ -43,6 +43,8 @@ def parse_duration(text: str, what: str) -> timedelta:
     Raises ConfigError naming ``what`` (the option) on anything else.
     """
     value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        value += "s"
     if value and _SHORT.sub("", value) == "":
         seconds = sum(float(n) * _UNITS[unit] for n, unit in _SHORT.findall(value))
         duration = timedelta(seconds=seconds)
