@@ -28,7 +28,7 @@ from archiver.pipeline import RunOptions, RunReport
 from archiver.recovery import recover
 from archiver.restore import RestoreOptions, restore
 from archiver.schedule import Schedule, parse_duration
-from archiver.service import Service
+from archiver.service import Service, database_options, run_options
 from archiver.settings import Settings, load_settings
 from archiver.show import RunView, show_run
 from archiver.source.engine import DatabaseOptions, create_engine
@@ -50,26 +50,11 @@ ConfigOption = Annotated[
 
 
 def _options(settings: Settings, *, dry_run: bool) -> RunOptions:
-    return RunOptions(
-        database=_database(settings),
-        storage_url=settings.storage_url,
-        storage_options=settings.storage_options,
-        retention_period=settings.retention_period,
-        batch_size=settings.batch_size,
-        batch_interval=settings.batch_interval,
-        max_batches=settings.max_batches,
-        compression=settings.compression,
-        dry_run=dry_run,
-    )
+    return run_options(settings, dry_run=dry_run)
 
 
 def _database(settings: Settings) -> DatabaseOptions:
-    return DatabaseOptions(
-        url=settings.database_url,
-        lock_timeout=settings.lock_timeout,
-        statement_timeout=settings.statement_timeout,
-        busy_timeout=settings.busy_timeout,
-    )
+    return database_options(settings)
 
 
 @app.command("run")

@@ -20,8 +20,34 @@ from archiver.errors import ArchiverError
 from archiver.metrics import Metrics
 from archiver.pipeline import BatchReport, RunOptions, RunReport, StepHook, run
 from archiver.schedule import LoopListeners, Schedule, run_on_schedule
+from archiver.settings import Settings
+from archiver.source.engine import DatabaseOptions
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_options(settings: Settings, *, dry_run: bool | None = None) -> RunOptions:
+    """Plain run options from settings; a dry run unless ``enabled`` (or ``dry_run=False``)."""
+    return RunOptions(
+        database=database_options(settings),
+        storage_url=settings.storage_url,
+        storage_options=settings.storage_options,
+        retention_period=settings.retention_period,
+        batch_size=settings.batch_size,
+        batch_interval=settings.batch_interval,
+        max_batches=settings.max_batches,
+        compression=settings.compression,
+        dry_run=not settings.enabled if dry_run is None else dry_run,
+    )
+
+
+def database_options(settings: Settings) -> DatabaseOptions:
+    return DatabaseOptions(
+        url=settings.database_url,
+        lock_timeout=settings.lock_timeout,
+        statement_timeout=settings.statement_timeout,
+        busy_timeout=settings.busy_timeout,
+    )
 
 
 @dataclass
