@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer.main
@@ -28,3 +29,20 @@ def test_ci_runs_exactly_the_readmes_test_command() -> None:
     assert "make test" in readme
     commands = [line for line in ci.splitlines() if line and not line.startswith(("#", "set "))]
     assert commands[-1] == "make test"
+
+
+def test_every_option_of_run_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    for option in run.params:
+        for name in option.opts:
+            if name.startswith("--") and name not in ("--help", "--config", "--yes"):
+                assert f"`{name}" in readme, f"README does not document archiver run {name}"
+
+
+def test_the_readme_links_only_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(((?:docs|config)[^)#]*)\)", readme)
+    assert "docs/deploy/prefect_flow.py" in links
+    for link in links:
+        assert (ROOT / link).exists(), f"README links {link}, which does not exist"
