@@ -156,7 +156,8 @@ class TerminalProgress:
             table = Table("table", "rows archived", "MB")
             document = run_report_document(report)
             for name, counts in document["tables"].items():
-                table.add_row(name, f"{counts['rows']:,}", f"{counts['bytes'] / 1e6:.2f}")
+                if counts["rows"] or counts["bytes"]:
+                    table.add_row(name, f"{counts['rows']:,}", f"{counts['bytes'] / 1e6:.2f}")
             self.console.print(table)
         for line in summary_lines(report):
             _plain(self.log if line.startswith("warning:") else self.console, line)

@@ -9,9 +9,11 @@ Prometheus counters do; ``rate()`` and ``increase()`` handle the restarts.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
 from prometheus_client.exposition import start_http_server
@@ -102,17 +104,17 @@ class Metrics:
 
 
 class MetricsServer:
-    """A running metrics endpoint."""
+    """A running metrics endpoint (a WSGI server in a daemon thread)."""
 
-    def __init__(self, server: object, thread: object) -> None:
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
         self._server = server
         self._thread = thread
 
     @property
     def port(self) -> int:
-        port: int = self._server.server_port  # type: ignore[attr-defined]
-        return port
+        return self._server.server_port
 
     def close(self) -> None:
-        self._server.shutdown()  # type: ignore[attr-defined]
-        self._server.server_close()  # type: ignore[attr-defined]
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

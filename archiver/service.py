@@ -71,6 +71,7 @@ class Service:
 
     async def _serve(self, hook: StepHook | None) -> None:
         stop = asyncio.Event()
+        self._write_metrics()  # a bad --metrics-file path fails now, before any batch
         server = None
         if self.metrics is not None and self.metrics_port is not None:
             server = self.metrics.serve(self.metrics_port)

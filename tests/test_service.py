@@ -367,3 +367,17 @@ def test_loop_serves_metrics_and_exits_0_on_sigterm_while_sleeping(
     assert scraped[("archiver_failures_total", ())] == 0
     assert metric_values(metrics_file.read_text())[("archiver_batches_total", ())] == 2
     assert sqlite_database.count("flow_run") == 0
+
+
+def test_an_unwritable_metrics_file_fails_before_any_batch(
+    tmp_path: Path, sqlite_database: Any, local_storage: Any
+) -> None:
+    make_expired(sqlite_database, 1)
+    cfg = config(tmp_path, sqlite_database, local_storage)
+    bad = tmp_path / "no-such-folder" / "archiver.prom"
+
+    result = invoke("run", "--yes", "--metrics-file", str(bad), "-c", cfg)
+
+    assert result.exit_code == 1 and "cannot write the metrics file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sqlite_database.count("flow_run") > 0
