@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -156,19 +156,23 @@ def wait_until(check: Any, what: str, timeout: float, *children: subprocess.Pope
 def background(
     command: list[str], env: dict[str, str], log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own process group: `prefect server start` runs uvicorn as a grandchild."""
     with open(log, "wb") as output:
         child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output,
-                                 stderr=subprocess.STDOUT)  # fmt: skip
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         yield child
     finally:
-        if child.poll() is None:
-            child.send_signal(signal.SIGINT)
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            with suppress(ProcessLookupError):
+                os.killpg(child.pid, signum)
             try:
-                child.wait(timeout=15)
+                child.wait(timeout=5)
+                break
             except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                continue
+        with suppress(ProcessLookupError):  # grandchildren that outlived the child
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 # `python docs/deploy/prefect_flow.py`, once the server answers; the imports (seconds on
