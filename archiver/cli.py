@@ -135,7 +135,7 @@ def _reporter(json_lines: bool) -> Reporter:
 
 def _stopping(signal_name: str) -> None:
     err.print(
-        f"{signal_name}: finishing the batch in hand, then exiting (again to stop at once)",
+        f"{signal_name}: stopping after the batch in hand, if any (again to stop at once)",
         markup=False, highlight=False,
     )  # fmt: skip
 

@@ -316,7 +316,7 @@ def test_sigterm_during_a_batch_finishes_it_and_exits_0(
     stdout, stderr = child.communicate(timeout=60)
 
     assert child.returncode == 0, stderr[-3000:]
-    assert "SIGTERM: finishing the batch in hand" in stderr
+    assert "SIGTERM: stopping after the batch in hand" in stderr
     lines = events(stdout)
     assert [e["event"] for e in lines] == ["batch", "report"]
     assert (lines[-1]["outcome"], lines[-1]["archived_roots"]) == ("stopped", 1)
