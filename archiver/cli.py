@@ -197,8 +197,9 @@ def ls_command(config: ConfigOption = None) -> None:
     table = Table("batch", "partition", "ended", "runs", "rows", "MB")
     for batch in batches:
         archived = [f for f in batch.files if f.role == "archived"]
+        merged = f" ({len(batch.compacted_from)} merged)" if batch.compacted_from else ""
         table.add_row(
-            batch.batch_id,
+            batch.batch_id + merged,
             batch.partition,
             f"{batch.end_time_min:%Y-%m-%d} .. {batch.end_time_max:%Y-%m-%d}",
             str(len(batch.root_ids)),
@@ -307,6 +308,8 @@ def _fail(exc: ArchiverError) -> None:
             "were archived, verified and committed",
             markup=False, highlight=False,
         )  # fmt: skip
+    if isinstance(done, CompactReport) and done.groups:
+        out.print(f"before the error, {len(done.groups)} groups were compacted and committed")
     err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
