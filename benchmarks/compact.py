@@ -44,7 +44,7 @@ def read_figures(archive: Path) -> dict[str, Any]:
     from archiver import open_archive
 
     def duckdb_logs() -> object:
-        return duckdb.sql(
+        return duckdb.execute(
             f"SELECT count(*), sum(length(message)) FROM read_parquet('{archive}/log/*/*.parquet',"
             " hive_partitioning = true)"
         ).fetchall()
