@@ -227,6 +227,10 @@ def _no_hook(step: str, batch_id: str) -> None:
     return None
 
 
+class _UncertainCommit(DatabaseError):
+    """The COMMIT failed in a way that leaves open whether it happened."""
+
+
 class _Compactor:
     def __init__(
         self,
@@ -247,12 +251,25 @@ class _Compactor:
         group.batch_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
         marker = _marker(group, self.source_id)
         try:
-            async with self.engine.connect() as conn:
-                manifest = await self._write_and_swap(conn, group, marker)
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate_error(exc, self.options.database.url) from None
+            try:
+                async with self.engine.connect() as conn:
+                    manifest = await self._write_and_swap(conn, group, marker)
+            except (SQLAlchemyError, OSError) as exc:
+                raise translate_error(exc, self.options.database.url) from None
+        except _UncertainCommit:
+            raise  # recovery decides from the ledger
+        except ArchiverError as exc:
+            exc.message = _undone(group, exc)
+            raise
         self.hook("committed", group.batch_id)
-        await asyncio.to_thread(self._finish, manifest, marker)
+        try:
+            await asyncio.to_thread(self._finish, manifest, marker)
+        except ArchiverError as exc:
+            raise type(exc)(
+                f"compacted batch {group.batch_id} is committed, but removing the batches it "
+                f"replaces failed ({exc.message.rstrip('.')}); they stay until recovery",
+                hint="run `archiver compact` or `archiver recover` again",
+            ) from None
         group.bytes_after = sum(record.bytes for record in manifest.files)
         self.hook("done", group.batch_id)
 
@@ -286,7 +303,7 @@ class _Compactor:
         try:
             await transaction.commit()
         except (SQLAlchemyError, OSError) as exc:
-            raise DatabaseError(
+            raise _UncertainCommit(
                 f"COMMIT of compacted batch {group.batch_id} failed and may or may not have "
                 f"happened ({translate_error(exc, self.options.database.url).message}); "
                 "both the old and the new files stay until recovery asks the ledger",
@@ -320,6 +337,13 @@ class _Compactor:
             self.storage.delete(key)
             self.hook("removed", manifest.batch_id)
         self.storage.delete(pending_key(manifest.batch_id))
+
+
+def _undone(group: Group, exc: ArchiverError) -> str:
+    return (
+        f"compacting {len(group.batches)} batches of {group.partition} failed: "
+        f"{exc.message.rstrip('.')}; it was undone and nothing was deleted"
+    )
 
 
 def _marker(group: Group, source_id: str) -> PendingMarker:
@@ -393,8 +417,7 @@ def _merge(
     writer.close()
     if role == "archived" and len(set(ids)) != len(ids):
         raise VerificationError(
-            f"{inputs[0].table} rows of partition {group.partition} appear in more than one "
-            "batch; compaction stopped and nothing was deleted",
+            f"{inputs[0].table} rows of partition {group.partition} appear in more than one batch",
             hint="run `archiver verify` and inspect the batches by hand",
         )
     data = sink.getvalue().to_pybytes()
@@ -411,19 +434,16 @@ def _flush(writer: pq.ParquetWriter | None, buffered: list[pa.Table]) -> None:
 def _read_checked(storage: Storage, record: FileRecord) -> pa.Table:
     data = storage.get(record.key)
     where = storage.describe(record.key)
-    stop = "; compaction stopped and nothing was deleted"
     hint = "run `archiver verify`; restore the file from a backup or leave this partition as is"
     if codec.checksum(data) != record.sha256:
-        raise VerificationError(
-            f"{where} has other bytes than its manifest records{stop}", hint=hint
-        )
+        raise VerificationError(f"{where} has other bytes than its manifest records", hint=hint)
     try:
         table = pq.read_table(pa.BufferReader(data))
     except pa.ArrowException as exc:
-        raise VerificationError(f"{where} is not readable ({exc}){stop}", hint=hint) from None
+        raise VerificationError(f"{where} is not readable ({exc})", hint=hint) from None
     if table.num_rows != record.rows:
         raise VerificationError(f"{where} holds {table.num_rows} rows, its manifest says "
-                                f"{record.rows}{stop}", hint=hint)  # fmt: skip
+                                f"{record.rows}", hint=hint)  # fmt: skip
     return table
 
 
@@ -431,8 +451,7 @@ def _conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
     """The first input's schema (with field kinds); other columns stop the group."""
     if not table.schema.equals(schema, check_metadata=False):
         raise ArchiverError(
-            f"the {name} files of one partition have different columns; compaction stopped "
-            "and nothing was deleted",
+            f"the {name} files of one partition have different columns",
             hint="report this to the archiver maintainers; the archive is intact",
         )
     return table.cast(schema)
