@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from archiver.compact import CompactOptions, CompactReport, compact, parse_size
 from archiver.console import JsonLines, Reporter, TerminalProgress
 from archiver.errors import ArchiverError, ConfigError
 from archiver.pipeline import RunOptions, RunReport
@@ -251,8 +252,9 @@ def ls_command(config: ConfigOption = None) -> None:
     table = Table("batch", "partition", "ended", "runs", "rows", "MB")
     for batch in batches:
         archived = [f for f in batch.files if f.role == "archived"]
+        merged = f" ({len(batch.compacted_from)} merged)" if batch.compacted_from else ""
         table.add_row(
-            batch.batch_id,
+            batch.batch_id + merged,
             batch.partition,
             f"{batch.end_time_min:%Y-%m-%d} .. {batch.end_time_max:%Y-%m-%d}",
             str(len(batch.root_ids)),
@@ -297,6 +299,53 @@ def verify_command(
         raise typer.Exit(1)
 
 
+@app.command("compact")
+def compact_command(
+    config: ConfigOption = None,
+    target_size: Annotated[
+        str, typer.Option("--target-size", help="Largest file of a merged batch (MB = 2^20 B).")
+    ] = "128MB",
+    dry_run: Annotated[bool, typer.Option(help="Show what would be merged.")] = False,
+) -> None:
+    """Merge small batches of each month into large files; verify, then drop the old ones."""
+    try:
+        settings = load_settings(config)
+        options = CompactOptions(
+            database=_database(settings),
+            storage_url=settings.storage_url,
+            storage_options=settings.storage_options,
+            target_size=parse_size(target_size),
+            compression=settings.compression,
+            dry_run=dry_run,
+        )
+        report = asyncio.run(compact(options))
+    except ArchiverError as exc:
+        _fail(exc)
+    _render_compact(report)
+
+
+def _render_compact(report: CompactReport) -> None:
+    for message in report.recovered:
+        out.print(f"recovered: {message}", markup=False, highlight=False)
+    table = Table("batch", "partition", "merges", "files", "MB before", "MB after")
+    for group in report.groups:
+        after = "-" if report.dry_run else f"{group.bytes_after / 1e6:.2f}"
+        table.add_row(
+            group.batch_id or "(new)", group.partition, f"{len(group.batches)} batches",
+            f"{group.files_before} -> {len(group.tables())}",
+            f"{group.bytes_before / 1e6:.2f}", after,
+        )  # fmt: skip
+    out.print(table)
+    if report.foreign_batches:
+        out.print(f"{report.foreign_batches} batches of another database left alone")
+    merged = sum(len(group.batches) for group in report.groups)
+    verb = "would merge" if report.dry_run else "merged"
+    out.print(
+        f"{verb} {merged} batches into {len(report.groups)}, {report.seconds:.1f} s",
+        markup=False, highlight=False,
+    )  # fmt: skip
+
+
 async def _recover(settings: Settings) -> list[str]:
     storage = Storage(settings.storage_url, settings.storage_options)
     engine = create_engine(_database(settings))
@@ -314,6 +363,8 @@ def _fail(exc: ArchiverError) -> None:
             "were archived, verified and committed",
             markup=False, highlight=False,
         )  # fmt: skip
+    if isinstance(done, CompactReport) and done.groups:
+        out.print(f"before the error, {len(done.groups)} groups were compacted and committed")
     err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 

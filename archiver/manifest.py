@@ -54,6 +54,13 @@ class BatchManifest(BaseModel):
     files: list[FileRecord]
     #: the batch this one rewrote (rows restored out of it); that batch is gone
     replaces: str | None = None
+    #: a compacted batch: every batch merged into it (at any depth) -> its top-level run ids
+    compacted_from: dict[str, list[str]] = {}
+
+    @property
+    def supersedes(self) -> set[str]:
+        """Batches this one took the place of; their manifests may linger until cleaned up."""
+        return set(self.compacted_from) | ({self.replaces} if self.replaces else set())
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
@@ -68,6 +75,17 @@ class BatchManifest(BaseModel):
                 hint="restore the manifest from the ledger table (archiver.batch / "
                 "archiver_batch), which holds every committed manifest",
             ) from None
+
+
+def current_batches(manifests: list[BatchManifest]) -> list[BatchManifest]:
+    """The manifests no other manifest supersedes: each committed row exactly once.
+
+    A rewrite or a compaction publishes its manifest before it removes the
+    batches it replaces, so for a moment storage holds both; readers that go
+    through this function never see a row twice.
+    """
+    gone = set().union(*(manifest.supersedes for manifest in manifests))
+    return [manifest for manifest in manifests if manifest.batch_id not in gone]
 
 
 class PendingMarker(BaseModel):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -98,6 +98,7 @@ async def restore(
     """
     _check_selection(options)
     storage = Storage(options.storage_url, options.storage_options)
+    options = await asyncio.to_thread(_through_compactions, storage, options)
     manifests = await asyncio.to_thread(_select_batches, storage, options)
     batches = await asyncio.to_thread(_read_batches, storage, manifests)
     tables = _within_trees(_concat(batches.values()), options)
@@ -184,6 +185,33 @@ def _check_selection(options: RestoreOptions) -> None:
             "say what to restore",
             hint="pass run ids, --batch, or --ended-after/--ended-before",
         )
+
+
+def _through_compactions(storage: Storage, options: RestoreOptions) -> RestoreOptions:
+    """``--batch`` of a batch that `archiver compact` merged: its runs, where they are now."""
+    if not options.batch_ids:
+        return options
+    batches = list_batches(storage)
+    holders: list[str] = []
+    roots: set[str] = set()
+    for wanted in options.batch_ids:
+        for manifest in batches:
+            if manifest.batch_id == wanted:
+                holders.append(wanted)
+                roots |= set(manifest.root_ids)
+            elif wanted in manifest.compacted_from:
+                holders.append(manifest.batch_id)
+                # runs restored out of the compacted batch since are no longer in it
+                roots |= set(manifest.compacted_from[wanted]) & set(manifest.root_ids)
+    if set(holders) <= set(options.batch_ids):
+        return options  # no compacted batch involved
+    if not roots:
+        raise ArchiverError(
+            f"the runs of batch {options.batch_ids[0]} are no longer in the archive",
+            hint="`archiver ls` lists the batches",
+        )
+    run_ids = options.run_ids or tuple(sorted(roots))
+    return replace(options, batch_ids=tuple(dict.fromkeys(holders)), run_ids=run_ids)
 
 
 def _select_batches(storage: Storage, options: RestoreOptions) -> list[BatchManifest]:

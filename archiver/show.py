@@ -34,12 +34,41 @@ class RunView:
 def show_run(storage: Storage, run_id: str) -> RunView:
     """The archived tree under ``run_id``; raises ArchiverError if it is not archived."""
     batch = _batch_of(storage, run_id)
+    keys = {record.table: record.key for record in batch.files if record.role == "archived"}
+
+    files: dict[str, bytes] = {}
+
+    def read(table: str, where: ds.Expression | None = None) -> list[dict[str, Any]]:
+        if table not in keys:
+            return []
+        if table not in files:
+            files[table] = storage.get(keys[table])
+        return list(pq.read_table(pa.BufferReader(files[table]), filters=where).to_pylist())
+
+    # Only this tree's rows become Python objects: a compacted batch holds many trees.
+    runs = read("flow_run")
+    task_parents = read("task_run", ds.field("flow_run_id").isin(_tree_runs(run_id, runs, read)))
+    run_ids = sorted({t["flow_run_id"] for t in task_parents} | {run_id})
+    task_ids = sorted(t["id"] for t in task_parents)
     tables = {
-        record.table: pq.read_table(pa.BufferReader(storage.get(record.key))).to_pylist()
-        for record in batch.files
-        if record.role == "archived"
-    }
+        "flow_run": [r for r in runs if r["id"] in set(run_ids)],
+        "task_run": task_parents,
+        "flow_run_state": read("flow_run_state", ds.field("flow_run_id").isin(run_ids)),
+        "log": read("log", ds.field("flow_run_id").isin(run_ids)
+                    | ds.field("task_run_id").isin(task_ids)),
+    }  # fmt: skip
     return _view(run_id, tables)
+
+
+def _tree_runs(run_id: str, runs: list[dict[str, Any]], read: Any) -> list[str]:
+    """``run_id`` and its subflows at any depth (a subflow's parent is a task run)."""
+    tree, frontier = {run_id}, [run_id]
+    while frontier:
+        tasks = read("task_run", ds.field("flow_run_id").isin(frontier))
+        task_ids = {t["id"] for t in tasks}
+        frontier = [r["id"] for r in runs if r["parent_task_run_id"] in task_ids]
+        tree.update(frontier)
+    return sorted(tree)
 
 
 def _batch_of(storage: Storage, run_id: str) -> BatchManifest:

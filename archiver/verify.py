@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 
 from archiver import codec
 from archiver.errors import ArchiverError, StorageError, VerificationError
-from archiver.manifest import BatchManifest, FileRecord
+from archiver.manifest import BatchManifest, FileRecord, current_batches
 from archiver.storage import MANIFEST_DIR, PENDING_DIR, Storage
 
 
@@ -65,22 +65,36 @@ def check_written(
 
 
 def list_batches(storage: Storage) -> list[BatchManifest]:
-    """Every committed batch's manifest, oldest first. Blocking; raises StorageError."""
-    return [
+    """Every committed batch's manifest, oldest first. Blocking; raises StorageError.
+
+    Batches already replaced by a rewrite or a compaction whose clean-up is still
+    under way are left out (:func:`current_batches`), so each row appears once.
+    """
+    return current_batches([
         BatchManifest.from_json(storage.get(key), storage.describe(key))
         for key in storage.list(MANIFEST_DIR)
         if key.endswith(".json")
-    ]
+    ])  # fmt: skip
 
 
 def open_archive(url: str, options: dict[str, object] | None = None) -> dict[str, ds.Dataset]:
-    """Each archived table as a pyarrow dataset over all batches (Hive ``month=`` partitions)."""
+    """Each archived table as a pyarrow dataset over all batches (Hive ``month=`` partitions).
+
+    The datasets hold exactly the files the current manifests name, so they never
+    show a row twice, even while a compaction or a rewrite is cleaning up.
+    """
     storage = Storage(url, options)
-    tables = sorted({record.table for m in list_batches(storage) for record in m.files})
+    files: dict[str, list[str]] = {}
+    for manifest in list_batches(storage):
+        for record in manifest.files:
+            files.setdefault(record.table, []).append(storage.path(record.key))
     return {
-        table: ds.dataset(storage.path(table), filesystem=storage.fs, partitioning="hive")
-        for table in tables
-    }
+        table: ds.dataset(
+            paths, filesystem=storage.fs, format="parquet", partitioning="hive",
+            partition_base_dir=storage.path(table),
+        )
+        for table, paths in sorted(files.items())
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,8 +129,9 @@ def _verify(storage: Storage, scope: VerifyScope) -> VerifyReport:
             manifests.append(BatchManifest.from_json(storage.get(key), storage.describe(key)))
         except ArchiverError as exc:
             report.problems.append(str(exc.message))
+    # files of replaced batches still being cleaned up are named, but not checked
     named = {record.key for manifest in manifests for record in manifest.files}
-    for manifest in scope.choose(manifests):
+    for manifest in scope.choose(current_batches(manifests)):
         report.batches += 1
         for record in manifest.files:
             report.files += 1
