@@ -26,6 +26,7 @@ from archiver.restore import RestoreOptions, restore
 from archiver.settings import Settings, load_settings
 from archiver.show import RunView, show_run
 from archiver.source.engine import DatabaseOptions, create_engine
+from archiver.source.maintenance import MaintenanceReport
 from archiver.storage import Storage
 from archiver.verify import VerifyScope, list_batches, verify_archive
 
@@ -54,6 +55,7 @@ def _options(settings: Settings, *, dry_run: bool) -> RunOptions:
         max_batches=settings.max_batches,
         compression=settings.compression,
         dry_run=dry_run,
+        vacuum=settings.vacuum,
     )
 
 
@@ -75,10 +77,14 @@ def run_command(
     max_batches: Annotated[
         int | None, typer.Option("--max-batches", min=1, help="Stop after this many batches.")
     ] = None,
+    vacuum: Annotated[
+        bool,
+        typer.Option("--vacuum", help="Afterwards reclaim space (VACUUM/ANALYZE); see README."),
+    ] = False,
 ) -> None:
     """Archive expired top-level flow runs (with their whole trees), verify, then delete."""
     try:
-        settings = load_settings(config, max_batches=max_batches)
+        settings = load_settings(config, max_batches=max_batches, vacuum=vacuum or None)
         report = asyncio.run(run(_options(settings, dry_run=not (settings.enabled or yes))))
     except ArchiverError as exc:
         _fail(exc)
@@ -289,6 +295,24 @@ def _render(report: RunReport) -> None:
            if report.skipped_roots else ""),
         markup=False, highlight=False,
     )  # fmt: skip
+    if report.maintenance:
+        _render_maintenance(report.maintenance)
+
+
+def _render_maintenance(report: MaintenanceReport) -> None:
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    if report.statements:
+        sizes = ""
+        if report.bytes_before is not None and report.bytes_after is not None:
+            what = "database file" if report.dialect == "sqlite" else "touched tables"
+            sizes = (
+                f"; {what} {report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB"
+            )
+        out.print(
+            f"reclaimed space: {', '.join(report.statements)} in {report.seconds:.1f} s{sizes}",
+            markup=False, highlight=False,
+        )  # fmt: skip
 
 
 def main() -> None:

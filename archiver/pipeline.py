@@ -54,6 +54,7 @@ from archiver.source.engine import (
     translate_error,
     write_transaction_options,
 )
+from archiver.source.maintenance import MaintenanceReport, reclaim_space
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
 from archiver.storage import Storage, data_key, manifest_key, pending_key
@@ -82,6 +83,7 @@ class RunOptions:
     compression: str = "zstd"
     batch_attempts: int = 3  # tries per batch when it fails for a transient reason
     dry_run: bool = True
+    vacuum: bool = False  # after the batches, reclaim space (source/maintenance.py)
     now: datetime | None = None  # the clock, for tests; default: the current UTC time
 
     @property
@@ -113,6 +115,7 @@ class RunReport:
     recovered: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    maintenance: MaintenanceReport | None = None
 
     @property
     def archived_roots(self) -> int:
@@ -182,6 +185,8 @@ async def _run(
     except ArchiverError as exc:
         exc.partial_report = report
         raise
+    if options.vacuum and report.rows:
+        report.maintenance = await reclaim_space(engine, list(report.rows))
     return report
 
 
