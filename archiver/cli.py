@@ -7,6 +7,7 @@ deleted by the failed step), or `verify` found the archive not sound; 2 bad usag
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from rich.tree import Tree
 
 from archiver.errors import ArchiverError
 from archiver.pipeline import RunOptions, RunReport, run
+from archiver.plan import Plan, plan
 from archiver.recovery import recover
 from archiver.restore import RestoreOptions, restore
 from archiver.settings import Settings, load_settings
@@ -89,6 +91,53 @@ def run_command(
     except ArchiverError as exc:
         _fail(exc)
     _render(report)
+
+
+@app.command("plan")
+def plan_command(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Show what `archiver run` would archive now: runs, rows and bytes; writes nothing."""
+    try:
+        settings = load_settings(config)
+        result = asyncio.run(plan(_options(settings, dry_run=True)))
+    except ArchiverError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    _render_plan(result)
+
+
+def _render_plan(result: Plan) -> None:
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    span = ""
+    if result.oldest_end_time and result.newest_end_time:
+        span = f", ended {result.oldest_end_time:%Y-%m-%d} .. {result.newest_end_time:%Y-%m-%d}"
+    out.print(
+        f"{result.expired_roots} expired top-level runs before {result.cutoff:%Y-%m-%d %H:%M} "
+        f"UTC{span}; a run would archive {result.roots} in {result.batches} batches"
+        + (" (stopping at max_batches; more remain)" if result.limited_by_max_batches else "")
+        + (f" and skip {result.skipped_roots} with live subflows" if result.skipped_roots else ""),
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    table = Table("table", "rows", "est. MB")
+    for name, count in result.rows.items():
+        size = result.estimated_bytes.get(name)
+        table.add_row(name, f"{count:,}", "?" if size is None else f"{size / 1e6:.2f}")
+    for name, size in result.estimated_bytes.items():
+        if name not in result.rows and size is not None:
+            table.add_row(name, "", f"{size / 1e6:.2f}")
+    table.add_row(
+        "total", f"{result.total_rows:,}", f"{result.total_estimated_bytes / 1e6:.2f}", style="bold"
+    )
+    out.print(table)
+    if result.estimate_method:
+        out.print(
+            f"estimate: {result.estimate_method}", markup=False, highlight=False, soft_wrap=True
+        )
 
 
 @app.command("recover")
