@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from archiver.doctor import DoctorOptions, Status, doctor
 from archiver.errors import ArchiverError
 from archiver.pipeline import RunOptions, RunReport, run
 from archiver.plan import Plan, plan
@@ -138,6 +139,41 @@ def _render_plan(result: Plan) -> None:
         out.print(
             f"estimate: {result.estimate_method}", markup=False, highlight=False, soft_wrap=True
         )
+
+
+@app.command("doctor")
+def doctor_command(
+    config: ConfigOption = None,
+    create_index: Annotated[
+        bool,
+        typer.Option("--create-index", help="Build missing indexes (CONCURRENTLY on PostgreSQL)."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Check database, schema, indexes, clock, storage and open batches; exit 1 on a FAIL."""
+    try:
+        settings = load_settings(config)
+        options = DoctorOptions(
+            database=_database(settings),
+            storage_url=settings.storage_url,
+            storage_options=settings.storage_options,
+            create_index=create_index,
+        )
+        report = asyncio.run(doctor(options))
+    except ArchiverError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        styles = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "bold red"}
+        for check in report.checks:
+            line = Text(f"{check.status:<4} ", style=styles[check.status])
+            line.append(f"{check.name:<9} {check.detail}")
+            out.print(line, soft_wrap=True)
+            if check.hint and check.status is not Status.OK:
+                out.print(Text(f"{'':<14} Try: {check.hint}"), soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command("recover")

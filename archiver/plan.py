@@ -34,14 +34,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver import codec
 from archiver.models import Root, TableRows
 from archiver.pipeline import RunOptions
-from archiver.source.engine import create_engine, translate_error
+from archiver.source.engine import create_engine, read_only_connection, translate_error
 from archiver.source.maintenance import sqlite_journal_warning
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema, inspect_schema
 from archiver.source.selection import count_expired, count_trees, gather, lock_roots
@@ -101,8 +100,7 @@ async def plan(options: RunOptions) -> Plan:
     started = time.monotonic()
     engine = create_engine(options.database)
     try:
-        async with engine.connect() as conn:
-            await _read_only(conn)
+        async with read_only_connection(engine) as conn:
             result = await _plan(conn, options)
     except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, options.database.url) from None
@@ -110,13 +108,6 @@ async def plan(options: RunOptions) -> Plan:
         await engine.dispose()
     result.seconds = time.monotonic() - started
     return result
-
-
-async def _read_only(conn: AsyncConnection) -> None:
-    if conn.dialect.name == "postgresql":
-        await conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
-    else:
-        await conn.execute(text("PRAGMA query_only = ON"))
 
 
 async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
