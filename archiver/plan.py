@@ -148,8 +148,11 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
         for table, count in counts.items():
             result.rows[table] += count
             files[table] += 1 if count else 0
-    if sample is not None:
-        result.estimated_bytes = sample.estimate(result.rows, files, result.batches)
+    result.estimated_bytes = (
+        sample.estimate(result.rows, files, result.batches)
+        if sample is not None
+        else dict.fromkeys(result.rows, 0)  # nothing to archive
+    )
     return result
 
 

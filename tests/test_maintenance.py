@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from archiver.cli import app
 from archiver.source.maintenance import sqlite_file_bytes
 from tests import factory
-from tests.helpers import EXPIRED, RECENT, archive
+from tests.helpers import EXPIRED, RECENT, archive, write_config
 
 
 @pytest.mark.sqlite
@@ -78,3 +80,23 @@ def test_no_vacuum_unless_asked_or_nothing_archived(database: Any, local_storage
     factory.make_tree(database, end_time=EXPIRED)
     assert archive(database, local_storage).maintenance is None
     assert archive(database, local_storage, vacuum=True).maintenance is None  # nothing left
+
+
+@pytest.mark.sqlite
+def test_run_vacuum_on_the_command_line(
+    tmp_path: Path, sqlite_database: Any, local_storage: Any
+) -> None:
+    factory.make_trees(sqlite_database, 5, end_time=EXPIRED, logs_per_run=10)
+    config = write_config(
+        tmp_path / "c.toml",
+        local_storage,
+        database_url=sqlite_database.url,
+        retention_period="P30D",
+        batch_interval=0,
+    )
+
+    result = CliRunner().invoke(app, ["run", "--yes", "--vacuum", "--config", str(config)])
+
+    assert result.exit_code == 0, result.output
+    assert "reclaimed space: VACUUM, PRAGMA wal_checkpoint(TRUNCATE)" in result.stdout
+    assert "database file" in result.stdout and " MB -> " in result.stdout
