@@ -396,7 +396,7 @@ def _render_maintenance(report: MaintenanceReport) -> None:
             )
         out.print(
             f"reclaimed space: {', '.join(report.statements)} in {report.seconds:.1f} s{sizes}",
-            markup=False, highlight=False,
+            markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
 
 

@@ -7,14 +7,15 @@ one calendar month and ``batch_size`` roots at a time, stopping at
 index-backed lookups as ``gather``, reading only ids. So its rows per table are
 what a run started now would archive, if nothing changes in between.
 
-Bytes are *estimated*: the first batch is read whole (``gather`` without locks)
-and each table encoded to Parquet with the configured compression, as a run
-writes it, and once more with its first row only. The growth from one row to
-all of them, per row, is the cost of a row; the one-row file less a row is the
-fixed cost of a file (schema, footer, column statistics). A table's
-estimate is rows x cost per row + batches with its rows x cost per file; flow and
-deployment snapshots count at their sample size per batch. A table the sample
-has no rows of gets no estimate (None).
+Bytes are *estimated*. The first batches (until ``batch_size`` runs and every
+table with rows have been seen, at most SAMPLE_BATCHES) are read whole
+(``gather`` without locks), and each table is encoded to Parquet with the
+configured compression as a run writes it, and once more with its first row
+only. The growth from one row to all of them, per row, is the cost of a row;
+the one-row file less a row is the fixed cost of a file (schema, footer, column
+statistics). A table's estimate is rows x cost per row + batches with its rows
+x cost per file; flow and deployment snapshots count at their sampled size per
+batch. A table with rows but none in the sample gets no estimate (None).
 
 Read-only: on PostgreSQL one ``REPEATABLE READ, READ ONLY`` transaction (one
 consistent snapshot; it takes only the ACCESS SHARE locks any SELECT takes, so
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -123,7 +125,7 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
         result.warnings.append(journal)
     result.rows = dict.fromkeys(TREE_TABLES, 0)
     files = dict.fromkeys(TREE_TABLES, 0)  # batches with rows of a table: one file each
-    sample: _Sample | None = None
+    sample = _Sample()
     after: Root | None = None
     while True:
         if options.max_batches is not None and result.batches >= options.max_batches:
@@ -134,13 +136,8 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
             break
         after = roots[-1]
         kept, counts = await count_trees(conn, schema, roots)
-        if kept and sample is None:
-            sample = await _sample(conn, schema, roots, options.compression)
-            result.estimate_method = (
-                f"each table's Parquet size ({options.compression}) measured on the first "
-                f"batch ({kept} runs) as bytes per row plus bytes per file, applied to its "
-                "rows and batches"
-            )
+        if kept and sample.wants_more(options.batch_size, counts):
+            await _measure(conn, schema, roots, options.compression, sample)
         await _end_read(conn)
         result.roots += kept
         result.skipped_roots += len(roots) - kept
@@ -148,11 +145,13 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
         for table, count in counts.items():
             result.rows[table] += count
             files[table] += 1 if count else 0
-    result.estimated_bytes = (
-        sample.estimate(result.rows, files, result.batches)
-        if sample is not None
-        else dict.fromkeys(result.rows, 0)  # nothing to archive
-    )
+    result.estimated_bytes = sample.estimate(result.rows, files, result.batches)
+    if sample.batches:
+        result.estimate_method = (
+            f"each table's Parquet size ({options.compression}) measured on the first "
+            f"{sample.batches} batches ({sample.runs} runs), as bytes per row plus bytes per "
+            "file, applied to its rows and batches"
+        )
     return result
 
 
@@ -166,12 +165,38 @@ async def _more_left(conn: AsyncConnection, cutoff: datetime, after: Root | None
     return bool(await lock_roots(conn, cutoff, 1, after, lock=False))
 
 
+#: Batches read whole to measure Parquet sizes, at most (plan reads only ids otherwise).
+SAMPLE_BATCHES = 5
+
+
 @dataclass
 class _Sample:
-    """Parquet sizes measured on one batch: a fixed cost per file and a cost per row."""
+    """Parquet sizes measured on whole batches, per table: files, rows, bytes of the
+    files, and bytes of the same files with their first row only."""
 
-    per_file: dict[str, int]
-    per_row: dict[str, float]
+    batches: int = 0
+    runs: int = 0
+    files: Counter[str] = field(default_factory=Counter)
+    rows: Counter[str] = field(default_factory=Counter)
+    full: Counter[str] = field(default_factory=Counter)
+    single: Counter[str] = field(default_factory=Counter)
+
+    def wants_more(self, batch_size: int, counts: dict[str, int]) -> bool:
+        """Measure this batch too? Until a batch_size of runs, and every table seen."""
+        if self.batches >= SAMPLE_BATCHES:
+            return False
+        unseen = any(count and table not in self.rows for table, count in counts.items())
+        return self.runs < batch_size or unseen
+
+    def per_row(self, table: str) -> float:
+        # The growth from one row to all of them, per row.
+        return max(self.full[table] - self.single[table], 0) / max(
+            self.rows[table] - self.files[table], 1
+        )
+
+    def per_file(self, table: str) -> float:
+        # A one-row file less its row: schema, footer, column statistics.
+        return max(self.single[table] / self.files[table] - self.per_row(table), 0)
 
     def estimate(
         self, rows: dict[str, int], files: dict[str, int], batches: int
@@ -180,43 +205,41 @@ class _Sample:
         for table, count in rows.items():
             if not count:
                 estimates[table] = 0
-            elif table in self.per_row:
-                estimates[table] = round(
-                    count * self.per_row[table] + files[table] * self.per_file[table]
-                )
+            elif self.rows[table]:
+                size = count * self.per_row(table) + files[table] * self.per_file(table)
+                estimates[table] = round(size)
             else:
                 estimates[table] = None  # rows, but none in the sample to measure
-        references = sum(self.per_file.get(name, 0) for name in REFERENCE_TABLES)
-        if references:
-            estimates["flow, deployment (snapshots)"] = references * batches
+        snapshots = sum(self.full[name] for name in REFERENCE_TABLES)
+        if snapshots:
+            estimates["flow, deployment (snapshots)"] = round(snapshots / self.batches * batches)
         return estimates
 
 
-async def _sample(
-    conn: AsyncConnection, schema: PrefectSchema, roots: list[Root], compression: str
-) -> _Sample:
+async def _measure(
+    conn: AsyncConnection,
+    schema: PrefectSchema,
+    roots: list[Root],
+    compression: str,
+    sample: _Sample,
+) -> None:
     """Read one batch whole (no locks) and encode each table as a run would."""
     gathered = await gather(conn, schema, roots, lock=False)
     tables = [rows for rows in (*gathered.tables.values(), *gathered.references.values()) if rows]
 
-    def measure() -> _Sample:
-        sample = _Sample({}, {})
+    def measure() -> None:
         for rows in tables:
             name = rows.shape.name
             metadata = _file_metadata(name, schema)
-            full = len(codec.encode(rows, metadata, compression).data)
-            if name in REFERENCE_TABLES:
-                sample.per_file[name] = full  # a snapshot: about this size every batch
-                continue
-            # A one-row file is mostly fixed cost: schema, footer, column statistics.
             first = TableRows(rows.shape, rows.rows[:1])
-            single = len(codec.encode(first, metadata, compression).data)
-            per_row = max(full - single, 0) / max(len(rows) - 1, 1)
-            sample.per_row[name] = per_row
-            sample.per_file[name] = max(round(single - per_row), 0)
-        return sample
+            sample.files[name] += 1
+            sample.rows[name] += len(rows)
+            sample.full[name] += len(codec.encode(rows, metadata, compression).data)
+            sample.single[name] += len(codec.encode(first, metadata, compression).data)
 
-    return await asyncio.to_thread(measure)
+    await asyncio.to_thread(measure)
+    sample.batches += 1
+    sample.runs += len(gathered.roots)
 
 
 def _file_metadata(table: str, schema: PrefectSchema) -> dict[str, str]:

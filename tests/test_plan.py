@@ -73,7 +73,7 @@ def test_plan_counts_what_the_next_run_archives(
     assert planned["oldest_end_time"].startswith(f"{LAST_MONTH:%Y-%m-%d}")
     # the estimate comes from encoding one batch as a run does: close to what was written
     assert 0.8 * report.bytes < planned["total_estimated_bytes"] < 1.25 * report.bytes
-    assert "first batch" in planned["estimate_method"]
+    assert "measured on the first" in planned["estimate_method"]
     assert planned["rules"] == [] and planned["sweeps"] == {}
 
 

@@ -13,6 +13,9 @@ One batch works inside one transaction on one connection:
    checks need a KEY SHARE lock), then reads every row that belongs to them.
    A root whose tree holds a non-terminal run is skipped whole.
 
+:func:`count_trees` is the same walk and lookups, reading only ids and counting,
+without locks: what ``archiver plan`` reports.
+
 Logs and artifacts have no foreign keys and can still arrive; they are deleted
 by the ids read here, so a late row stays in the database for a later sweep.
 """
