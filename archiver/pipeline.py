@@ -185,8 +185,9 @@ async def _run(
     except ArchiverError as exc:
         exc.partial_report = report
         raise
-    if options.vacuum and report.rows:
-        report.maintenance = await reclaim_space(engine, list(report.rows))
+    if options.vacuum and report.batches:
+        touched = [table for table, count in report.rows.items() if count]
+        report.maintenance = await reclaim_space(engine, touched)
     return report
 
 
