@@ -395,9 +395,17 @@ def _render_maintenance(report: MaintenanceReport) -> None:
                 f"; {what} {report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB"
             )
         out.print(
-            f"reclaimed space: {', '.join(report.statements)} in {report.seconds:.1f} s{sizes}",
+            f"reclaimed space: {_statements(report.statements)} in {report.seconds:.1f} s{sizes}",
             markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
+
+
+def _statements(statements: list[str]) -> str:
+    """``VACUUM (...) a, VACUUM (...) b`` as ``VACUUM (...) a, b``."""
+    prefix = "VACUUM (ANALYZE, SKIP_LOCKED) "
+    tables = [s.removeprefix(prefix) for s in statements if s.startswith(prefix)]
+    others = [s for s in statements if not s.startswith(prefix)]
+    return ", ".join(others + ([prefix + ", ".join(tables)] if tables else []))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.cli import _statements, app
 from archiver.source.maintenance import sqlite_file_bytes
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, archive, write_config
@@ -69,6 +69,7 @@ def test_vacuum_analyzes_the_touched_tables_on_postgres(
     assert "VACUUM (ANALYZE, SKIP_LOCKED) flow_run" in done.statements
     assert "VACUUM (ANALYZE, SKIP_LOCKED) log" in done.statements
     assert not any("task_run_state_cache" in s for s in done.statements)  # nothing deleted there
+    assert _statements(done.statements).startswith("VACUUM (ANALYZE, SKIP_LOCKED) log, ")
     vacuumed = postgres_database.scalar(
         "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'flow_run'"
         " AND last_vacuum IS NOT NULL AND last_analyze IS NOT NULL"
