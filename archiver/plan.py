@@ -123,6 +123,15 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
     journal = await sqlite_journal_warning(conn)
     if journal:
         result.warnings.append(journal)
+    await _walk(conn, schema, options, result)
+    return result
+
+
+async def _walk(
+    conn: AsyncConnection, schema: PrefectSchema, options: RunOptions, result: Plan
+) -> None:
+    """Count batch by batch, as a run would take them; measure the first few whole."""
+    cutoff = result.cutoff
     result.rows = dict.fromkeys(TREE_TABLES, 0)
     files = dict.fromkeys(TREE_TABLES, 0)  # batches with rows of a table: one file each
     sample = _Sample()
@@ -152,7 +161,6 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
             f"{sample.batches} batches ({sample.runs} runs), as bytes per row plus bytes per "
             "file, applied to its rows and batches"
         )
-    return result
 
 
 async def _end_read(conn: AsyncConnection) -> None:
