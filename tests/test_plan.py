@@ -11,10 +11,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from typer.testing import CliRunner
 
 from archiver.cli import app
 from archiver.plan import Plan, plan
+from archiver.source.engine import DatabaseOptions, create_engine, read_only_connection
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, archive, options, write_config
 from tests.oracle import RUN_TABLES, db_rows
@@ -146,3 +149,21 @@ def test_plan_table_on_a_terminal(tmp_path: Path, sqlite_database: Any, local_st
         assert table in result.stdout
     assert "estimate: each table's Parquet size" in result.stdout
     assert sqlite_database.count("flow_run") == 2
+
+
+def test_plan_reads_through_a_connection_that_refuses_writes(database: Any) -> None:
+    async def try_to_write() -> str:
+        engine = create_engine(DatabaseOptions(database.url))
+        try:
+            async with read_only_connection(engine) as conn:
+                try:
+                    await conn.execute(text("CREATE TABLE archiver_plan_probe (x integer)"))
+                except SQLAlchemyError as exc:
+                    return str(exc)
+            return "written"
+        finally:
+            await engine.dispose()
+
+    refused = asyncio.run(try_to_write())
+
+    assert "read-only" in refused or "readonly" in refused, refused
