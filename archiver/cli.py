@@ -9,6 +9,7 @@ it are archived and stay so), or `verify` found the archive not sound; 2 bad usa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from dataclasses import replace
@@ -24,8 +25,10 @@ from rich.tree import Tree
 
 from archiver.compact import CompactOptions, CompactReport, compact, parse_size
 from archiver.console import JsonLines, Reporter, TerminalProgress
+from archiver.doctor import DoctorOptions, Status, doctor
 from archiver.errors import ArchiverError, ConfigError
 from archiver.pipeline import RunOptions, RunReport
+from archiver.plan import Plan, plan
 from archiver.recovery import recover
 from archiver.restore import RestoreOptions, restore
 from archiver.schedule import Schedule, parse_duration
@@ -90,6 +93,10 @@ def run_command(
         int | None,
         typer.Option(min=1, max=65535, help="With --loop: serve Prometheus /metrics on this port."),
     ] = None,
+    vacuum: Annotated[
+        bool,
+        typer.Option("--vacuum", help="Afterwards reclaim space (VACUUM/ANALYZE); see README."),
+    ] = False,
 ) -> None:
     """Archive expired top-level flow runs (with their whole trees), verify, then delete."""
     try:
@@ -98,7 +105,7 @@ def run_command(
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None  # bad usage: exit code 2
     try:
-        settings = load_settings(config, max_batches=max_batches)
+        settings = load_settings(config, max_batches=max_batches, vacuum=vacuum or None)
         options = replace(
             _options(settings, dry_run=not (settings.enabled or yes)), max_runtime=runtime
         )
@@ -139,6 +146,88 @@ def _stopping(signal_name: str) -> None:
         f"{signal_name}: stopping after the batch in hand, if any (again to stop at once)",
         markup=False, highlight=False,
     )  # fmt: skip
+
+
+@app.command("plan")
+def plan_command(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Show what `archiver run` would archive now: runs, rows and bytes; writes nothing."""
+    try:
+        settings = load_settings(config)
+        result = asyncio.run(plan(_options(settings, dry_run=True)))
+    except ArchiverError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    _render_plan(result)
+
+
+def _render_plan(result: Plan) -> None:
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    span = ""
+    if result.oldest_end_time and result.newest_end_time:
+        span = f", ended {result.oldest_end_time:%Y-%m-%d} .. {result.newest_end_time:%Y-%m-%d}"
+    out.print(
+        f"{result.expired_roots} expired top-level runs before {result.cutoff:%Y-%m-%d %H:%M} "
+        f"UTC{span}; a run would archive {result.roots} in {result.batches} batches"
+        + (" (stopping at max_batches; more remain)" if result.limited_by_max_batches else "")
+        + (f" and skip {result.skipped_roots} with live subflows" if result.skipped_roots else ""),
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    table = Table("table", "rows", "est. MB")
+    for name, count in result.rows.items():
+        size = result.estimated_bytes.get(name)
+        table.add_row(name, f"{count:,}", "?" if size is None else f"{size / 1e6:.2f}")
+    for name, size in result.estimated_bytes.items():
+        if name not in result.rows and size is not None:
+            table.add_row(name, "", f"{size / 1e6:.2f}")
+    table.add_row(
+        "total", f"{result.total_rows:,}", f"{result.total_estimated_bytes / 1e6:.2f}", style="bold"
+    )
+    out.print(table)
+    if result.estimate_method:
+        out.print(
+            f"estimate: {result.estimate_method}", markup=False, highlight=False, soft_wrap=True
+        )
+
+
+@app.command("doctor")
+def doctor_command(
+    config: ConfigOption = None,
+    create_index: Annotated[
+        bool,
+        typer.Option("--create-index", help="Build missing indexes (CONCURRENTLY on PostgreSQL)."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Check database, schema, indexes, clock, storage and open batches; exit 1 on a FAIL."""
+    try:
+        settings = load_settings(config)
+        options = DoctorOptions(
+            database=_database(settings),
+            storage_url=settings.storage_url,
+            storage_options=settings.storage_options,
+            create_index=create_index,
+        )
+        report = asyncio.run(doctor(options))
+    except ArchiverError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        styles = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "bold red"}
+        for check in report.checks:
+            line = Text(f"{check.status:<4} ", style=styles[check.status])
+            line.append(f"{check.name:<9} {check.detail}")
+            out.print(line, soft_wrap=True)
+            if check.hint and check.status is not Status.OK:
+                out.print(Text(f"{'':<14} Try: {check.hint}"), soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command("recover")

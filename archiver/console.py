@@ -29,6 +29,7 @@ from rich.table import Table
 from archiver.errors import ArchiverError
 from archiver.pipeline import BatchReport, RunReport
 from archiver.report import batch_event, run_report_document
+from archiver.source.maintenance import MaintenanceReport
 
 
 class Reporter(Protocol):
@@ -65,8 +66,33 @@ def summary_lines(report: RunReport) -> list[str]:
         why = {"stopped": "stop requested", "max_batches": "--max-batches reached",
                "max_runtime": "--max-runtime reached"}[report.outcome]  # fmt: skip
         lines.append(f"{why}: about {left} expired runs left for the next run")
+    if report.maintenance:
+        lines += _maintenance_lines(report.maintenance)
     lines.append(f"run report: _reports/{report.run_id}.json")
     return lines
+
+
+def _maintenance_lines(report: MaintenanceReport) -> list[str]:
+    lines = [f"warning: {warning}" for warning in report.warnings]
+    if report.statements:
+        sizes = ""
+        if report.bytes_before is not None and report.bytes_after is not None:
+            what = "database file" if report.dialect == "sqlite" else "touched tables"
+            sizes = (
+                f"; {what} {report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB"
+            )
+        lines.append(
+            f"reclaimed space: {_statements(report.statements)} in {report.seconds:.1f} s{sizes}"
+        )
+    return lines
+
+
+def _statements(statements: list[str]) -> str:
+    """``VACUUM (...) a, VACUUM (...) b`` as ``VACUUM (...) a, b``."""
+    prefix = "VACUUM (ANALYZE, SKIP_LOCKED) "
+    tables = [s.removeprefix(prefix) for s in statements if s.startswith(prefix)]
+    others = [s for s in statements if not s.startswith(prefix)]
+    return ", ".join(others + ([prefix + ", ".join(tables)] if tables else []))
 
 
 def _plain(console: Console, text: str) -> None:

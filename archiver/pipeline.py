@@ -55,6 +55,7 @@ from archiver.source.engine import (
     translate_error,
     write_transaction_options,
 )
+from archiver.source.maintenance import MaintenanceReport, reclaim_space
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
 from archiver.storage import Storage, data_key, manifest_key, pending_key
@@ -87,6 +88,7 @@ class RunOptions:
     compression: str = "zstd"
     batch_attempts: int = 3  # tries per batch when it fails for a transient reason
     dry_run: bool = True
+    vacuum: bool = False  # after the batches, reclaim space (source/maintenance.py)
     now: datetime | None = None  # the clock, for tests; default: the current UTC time
     #: start no batch that would end after this much time (judged by the longest batch so far)
     max_runtime: timedelta | None = None
@@ -127,6 +129,7 @@ class RunReport:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     outcome: Outcome = "done"
     error: str | None = None  # the one-line error of a failed run
+    maintenance: MaintenanceReport | None = None
 
     @property
     def archived_roots(self) -> int:
@@ -226,6 +229,9 @@ async def _run(
     except ArchiverError as exc:
         exc.partial_report = report
         raise
+    if options.vacuum and report.batches:
+        touched = [table for table, count in report.rows.items() if count]
+        report.maintenance = await reclaim_space(engine, touched)
     return report
 
 

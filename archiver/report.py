@@ -10,6 +10,7 @@ was archived, so ``verify``, ``ls`` and recovery never read ``_reports/``.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from archiver.storage import Storage, report_key
@@ -54,6 +55,7 @@ def run_report_document(report: RunReport) -> dict[str, Any]:
         "batch_ids": [batch.batch_id for batch in report.batches],
         "recovered": report.recovered,
         "warnings": report.warnings,
+        "maintenance": asdict(report.maintenance) if report.maintenance else None,
         "archiver_version": __version__,
     }
 

@@ -38,6 +38,7 @@ def run_options(settings: Settings, *, dry_run: bool | None = None) -> RunOption
         max_batches=settings.max_batches,
         compression=settings.compression,
         dry_run=not settings.enabled if dry_run is None else dry_run,
+        vacuum=settings.vacuum,
     )
 
 

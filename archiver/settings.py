@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         default=False,
         description="When false, `archiver run` only reports what it would archive.",
     )
+    vacuum: bool = Field(
+        default=False,
+        description="After archiving, reclaim space: VACUUM (ANALYZE) the touched tables on "
+        "PostgreSQL; incremental_vacuum or VACUUM on SQLite.",
+    )
     lock_timeout: float = Field(
         default=30, gt=0, le=3600, description="PostgreSQL lock_timeout in seconds."
     )

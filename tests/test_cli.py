@@ -161,7 +161,7 @@ def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: Any) -> No
 
 
 def test_help_for_every_command() -> None:
-    for command in ("run", "recover"):
+    for command in ("run", "recover", "plan", "doctor"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout
 

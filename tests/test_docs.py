@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_command_has_help_and_is_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    assert {"run", "recover", "ls", "verify"} <= set(commands)
+    assert {"run", "recover", "ls", "verify", "plan", "doctor"} <= set(commands)
     for name in commands:
         assert f"`archiver {name}`" in readme, f"README does not document archiver {name}"
         result = CliRunner().invoke(app, [name, "--help"])

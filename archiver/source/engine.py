@@ -15,11 +15,13 @@ batch can ask for ``BEGIN IMMEDIATE`` (the write lock from the start).
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, exc
+from sqlalchemy import event, exc, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -124,6 +126,29 @@ async def write_transaction_options(conn: AsyncConnection) -> None:
     """Make the next BEGIN on ``conn`` take SQLite's write lock at once."""
     if conn.dialect.name == "sqlite":
         await conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+
+
+@asynccontextmanager
+async def read_only_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection that refuses writes.
+
+    PostgreSQL: its transactions are READ ONLY and REPEATABLE READ (one snapshot
+    for everything read); the pool resets both when the connection returns.
+    SQLite: ``PRAGMA query_only``; the connection is discarded afterwards, so no
+    later user of the pool inherits it.
+    """
+    async with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            yield conn
+            return
+        await conn.execute(text("PRAGMA query_only = ON"))
+        try:
+            yield conn
+        finally:
+            await conn.invalidate()
 
 
 _CONNECTION_LOST = {

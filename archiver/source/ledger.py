@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from archiver.source.selection import from_db_time
 
 _TABLE = {"postgresql": "archiver.batch", "sqlite": "archiver_batch"}
 _SOURCE = {"postgresql": "archiver.source", "sqlite": "archiver_source"}
@@ -109,3 +113,32 @@ async def batch_in_flight(conn: AsyncConnection, batch_id: str) -> bool:
         text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _lock_key(batch_id)}
     )
     return not bool(got.scalar())
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    source_id: str | None
+    batches: int
+    last_committed_at: datetime | None
+
+
+async def ledger_status(conn: AsyncConnection) -> LedgerStatus | None:
+    """What the ledger holds, read-only; None if archiver never ran on this database."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        exists = "SELECT to_regclass('archiver.batch') IS NOT NULL"
+    else:
+        exists = (
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'archiver_batch'"
+        )
+    if not (await conn.execute(text(exists))).scalar():
+        return None
+    source = (await conn.execute(text(f"SELECT min(source_id) FROM {_SOURCE[dialect]}"))).scalar()
+    count, last = (
+        await conn.execute(text(f"SELECT count(*), max(committed_at) FROM {_TABLE[dialect]}"))
+    ).one()
+    return LedgerStatus(
+        None if source is None else str(source),
+        int(count),
+        None if last is None else from_db_time(last),
+    )

@@ -68,6 +68,48 @@ KNOWN_REVISIONS = {
 
 
 @dataclass(frozen=True)
+class IndexSpec:
+    """An index that a lookup of selection.py needs: any index led by ``column`` will do.
+
+    ``name`` is what Prefect's migrations call it, or, where Prefect covers the
+    column with a unique constraint, the name archiver gives a plain replacement.
+    """
+
+    table: str
+    column: str
+    name: str
+    descending: bool = False
+
+    def create_sql(self, dialect: str) -> str:
+        """CREATE INDEX, CONCURRENTLY on PostgreSQL (which must run outside a transaction)."""
+        concurrently = " CONCURRENTLY" if dialect == "postgresql" else ""
+        order = " DESC" if self.descending else ""
+        return (
+            f"CREATE INDEX{concurrently} IF NOT EXISTS {self.name}"
+            f" ON {self.table} ({self.column}{order})"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.table}({self.column})"
+
+
+#: Every lookup that selecting and gathering a batch makes (selection.py), in the order
+#: of a batch. Without these, each batch scans a whole table.
+SELECTION_INDEXES = (
+    IndexSpec("flow_run", "end_time", "ix_flow_run__end_time_desc", descending=True),
+    IndexSpec("flow_run", "parent_task_run_id", "ix_flow_run__parent_task_run_id"),
+    IndexSpec("task_run", "flow_run_id", "ix_task_run__flow_run_id"),
+    IndexSpec("flow_run_state", "flow_run_id", "ix_flow_run_state__flow_run_id"),
+    IndexSpec("task_run_state", "task_run_id", "ix_task_run_state__task_run_id"),
+    IndexSpec("flow_run_input", "flow_run_id", "ix_flow_run_input__flow_run_id"),
+    IndexSpec("log", "flow_run_id", "ix_log__flow_run_id"),
+    IndexSpec("log", "task_run_id", "ix_log__task_run_id"),
+    IndexSpec("artifact", "flow_run_id", "ix_artifact__flow_run_id"),
+    IndexSpec("artifact", "task_run_id", "ix_artifact__task_run_id"),
+)
+
+
+@dataclass(frozen=True)
 class PrefectSchema:
     """What archiver learned about one Prefect database."""
 
@@ -75,6 +117,7 @@ class PrefectSchema:
     revision: str
     tables: dict[str, TableShape]
     warnings: list[str] = field(default_factory=list)
+    missing_indexes: tuple[IndexSpec, ...] = ()
 
     def shape(self, table: str) -> TableShape:
         return self.tables[table]
@@ -84,13 +127,31 @@ async def inspect_schema(conn: AsyncConnection) -> PrefectSchema:
     """Reflect the run tables; raise SchemaError if this is not a usable Prefect database."""
     dialect = conn.dialect.name
     revision = await _alembic_revision(conn)
-    tables, warnings = await conn.run_sync(_reflect)
-    if revision not in KNOWN_REVISIONS.get(dialect, set()):
+    tables, missing = await conn.run_sync(_reflect)
+    warnings = [_missing_index_warning(spec) for spec in missing]
+    if not revision_known(dialect, revision):
         warnings.append(
             f"Prefect schema revision {revision} ({dialect}) is newer or older than the ones "
             "archiver was tested with; columns are reflected, so archives stay complete"
         )
-    return PrefectSchema(dialect=dialect, revision=revision, tables=tables, warnings=warnings)
+    return PrefectSchema(dialect, revision, tables, warnings, tuple(missing))
+
+
+def revision_known(dialect: str, revision: str) -> bool:
+    return revision in KNOWN_REVISIONS.get(dialect, set())
+
+
+def _missing_index_warning(spec: IndexSpec) -> str:
+    if spec.column == "end_time":
+        return (
+            "flow_run has no index on end_time; selecting expired runs will scan the table "
+            "(Prefect's migrations create ix_flow_run__end_time_desc; "
+            "`archiver doctor --create-index` builds it)"
+        )
+    return (
+        f"{spec.table} has no index on {spec.column}; every batch will scan the table "
+        "(`archiver doctor --create-index` builds it)"
+    )
 
 
 async def _alembic_revision(conn: AsyncConnection) -> str:
@@ -109,7 +170,7 @@ async def _alembic_revision(conn: AsyncConnection) -> str:
     return str(revision)
 
 
-def _reflect(sync: Connection) -> tuple[dict[str, TableShape], list[str]]:
+def _reflect(sync: Connection) -> tuple[dict[str, TableShape], list[IndexSpec]]:
     inspector = inspect(sync)
     existing = set(inspector.get_table_names())
     missing = sorted(set(TREE_TABLES + REFERENCE_TABLES) - existing)
@@ -124,11 +185,7 @@ def _reflect(sync: Connection) -> tuple[dict[str, TableShape], list[str]]:
         name: TableShape(name, tuple(_column(col, dialect) for col in inspector.get_columns(name)))
         for name in TREE_TABLES + REFERENCE_TABLES
     }
-    warnings = [] if _has_end_time_index(inspector) else [
-        "flow_run has no index on end_time; selecting expired runs will scan the table "
-        "(Prefect's migrations create ix_flow_run__end_time_desc)"
-    ]  # fmt: skip
-    return tables, warnings
+    return tables, missing_indexes(inspector)
 
 
 def _refuse_unknown_references(inspector: Any, tables: set[str]) -> None:
@@ -145,12 +202,22 @@ def _refuse_unknown_references(inspector: Any, tables: set[str]) -> None:
                     )
 
 
-def _has_end_time_index(inspector: Any) -> bool:
+def missing_indexes(inspector: Any) -> list[IndexSpec]:
+    """The SELECTION_INDEXES no index, unique constraint or primary key leads with."""
+    leading: dict[str, set[str]] = {}
+    for table in sorted({spec.table for spec in SELECTION_INDEXES}):
+        leading[table] = _leading_columns(inspector, table)
+    return [spec for spec in SELECTION_INDEXES if spec.column not in leading[spec.table]]
+
+
+def _leading_columns(inspector: Any, table: str) -> set[str]:
     with warnings.catch_warnings():
         # PostgreSQL expression indexes cannot be reflected; they do not matter here.
         warnings.simplefilter("ignore", SAWarning)
-        indexes = inspector.get_indexes("flow_run")
-    return any((ix.get("column_names") or [None])[0] == "end_time" for ix in indexes)
+        column_lists = [ix.get("column_names") or [] for ix in inspector.get_indexes(table)]
+        column_lists += [uq["column_names"] for uq in inspector.get_unique_constraints(table)]
+        column_lists.append(inspector.get_pk_constraint(table).get("constrained_columns") or [])
+    return {columns[0] for columns in column_lists if columns and columns[0]}
 
 
 def _column(col: Any, dialect: str) -> Column:

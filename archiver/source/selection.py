@@ -13,6 +13,9 @@ One batch works inside one transaction on one connection:
    checks need a KEY SHARE lock), then reads every row that belongs to them.
    A root whose tree holds a non-terminal run is skipped whole.
 
+:func:`count_trees` is the same walk and lookups, reading only ids and counting,
+without locks: what ``archiver plan`` reports.
+
 Logs and artifacts have no foreign keys and can still arrive; they are deleted
 by the ids read here, so a late row stays in the database for a later sweep.
 """
@@ -99,11 +102,17 @@ async def count_expired(
 
 
 async def lock_roots(
-    conn: AsyncConnection, cutoff: datetime, limit: int, after: Root | None = None
+    conn: AsyncConnection,
+    cutoff: datetime,
+    limit: int,
+    after: Root | None = None,
+    *,
+    lock: bool = True,
 ) -> list[Root]:
     """Lock up to ``limit`` expired top-level runs after ``after``, oldest first, in one month.
 
     A month whose remaining runs are all locked by other archivers is passed over.
+    ``lock=False`` reads the same runs without locking them (for ``archiver plan``).
     """
     dialect = conn.dialect.name
     params: dict[str, Any] = {"limit": limit, "lower": to_db_time(dialect, _EPOCH)}
@@ -114,11 +123,11 @@ async def lock_roots(
     # NO KEY UPDATE: enough to keep other archivers (and Prefect's UPDATEs) off these
     # runs, while Prefect may still add rows under a root that turns out to be live.
     # gather() upgrades the roots it keeps to FOR UPDATE.
-    lock = " FOR NO KEY UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    suffix = " FOR NO KEY UPDATE SKIP LOCKED" if lock and dialect == "postgresql" else ""
     first_sql = f"SELECT end_time FROM flow_run WHERE {_EXPIRED}{keyset} ORDER BY end_time LIMIT 1"
     sql = (
         f"SELECT id, end_time FROM flow_run WHERE {_EXPIRED}{keyset}"
-        f" ORDER BY end_time, id LIMIT :limit{lock}"
+        f" ORDER BY end_time, id LIMIT :limit{suffix}"
     )
     while True:
         params["cutoff"] = to_db_time(dialect, cutoff)
@@ -133,22 +142,22 @@ async def lock_roots(
         params["lower"] = params["cutoff"]
 
 
-async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root]) -> Gathered:
-    """Read the whole tree of every root; skip roots whose tree is not all terminal."""
+async def gather(
+    conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root], *, lock: bool = True
+) -> Gathered:
+    """Read the whole tree of every root; skip roots whose tree is not all terminal.
+
+    ``lock=False`` reads without row locks (a read-only sample for ``archiver plan``).
+    """
     reader = _Reader(conn, schema)
-    tree = await reader.tree_of([root.id for root in roots])
-    # Which trees are live is decided without locks, so that Prefect can go on
-    # working on their runs; only the trees we keep are locked, then checked again.
-    states = await reader.state_types(list(tree))
-    skipped = {tree[run] for run, state in states.items() if state not in TERMINAL_STATES}
-    kept = [run for run, root in tree.items() if root not in skipped]
-    flow_runs = await reader.rows("flow_run", "id", kept, lock=True)
+    tree, skipped, kept = await _terminal_trees(reader, roots)
+    flow_runs = await reader.rows("flow_run", "id", kept, lock=lock)
     changed = _roots_with_live_runs(flow_runs, tree)
     if changed:
         skipped |= changed
         flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in changed]
     run_ids = flow_runs.ids
-    task_runs = await reader.rows("task_run", "flow_run_id", run_ids, lock=True)
+    task_runs = await reader.rows("task_run", "flow_run_id", run_ids, lock=lock)
     task_ids = task_runs.ids
     await reader.refuse_new_subflows(task_ids, set(tree))
     flow_states = await reader.rows("flow_run_state", "flow_run_id", run_ids)
@@ -175,7 +184,7 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
                 ("task_run_id", task_ids, _NO_FLOW_RUN),
                 ("id", sorted(result_artifacts), ""),
             ],
-            lock=True,
+            lock=lock,
         ),
         "task_run_state_cache": await reader.rows(
             "task_run_state_cache", "task_run_state_id", task_states.ids
@@ -190,6 +199,61 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
     assert set(tables) == set(TREE_TABLES) and set(references) == set(REFERENCE_TABLES)
     kept_roots = [root for root in roots if root.id not in skipped]
     return Gathered(kept_roots, sorted(skipped), tables, references)
+
+
+async def _terminal_trees(
+    reader: _Reader, roots: Sequence[Root]
+) -> tuple[dict[str, str], set[str], list[str]]:
+    """Walk the trees: (run id -> root id, roots with a live run, the runs of the other trees).
+
+    Which trees are live is decided without locks, so that Prefect can go on working
+    on their runs; gather() locks only the trees it keeps, then checks them again.
+    """
+    tree = await reader.tree_of([root.id for root in roots])
+    states = await reader.state_types(list(tree))
+    skipped = {tree[run] for run, state in states.items() if state not in TERMINAL_STATES}
+    kept = [run for run, root in tree.items() if root not in skipped]
+    return tree, skipped, kept
+
+
+async def count_trees(
+    conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root]
+) -> tuple[int, dict[str, int]]:
+    """What gather() would take for these roots, as (roots kept, rows per tree table).
+
+    The same walk and the same lookups as gather(), through the same indexes, but
+    reading only ids and link columns (and counting logs, the largest table, in
+    SQL), and locking nothing.
+    """
+    reader = _Reader(conn, schema)
+    _, skipped, run_ids = await _terminal_trees(reader, roots)
+    task_ids = await reader.ids("task_run", "flow_run_id", run_ids)
+    flow_states = await reader.pairs("flow_run_state", "result_artifact_id", "flow_run_id", run_ids)
+    task_states = await reader.pairs(
+        "task_run_state", "result_artifact_id", "task_run_id", task_ids
+    )
+    results = sorted({value for _, value in flow_states + task_states if value is not None})
+    artifacts = {
+        *await reader.ids("artifact", "flow_run_id", run_ids),
+        *await reader.ids("artifact", "task_run_id", task_ids, _NO_FLOW_RUN),
+        *await reader.ids("artifact", "id", results),
+    }
+    state_ids = [state_id for state_id, _ in task_states]
+    counts = {
+        "flow_run": len(run_ids),
+        "task_run": len(task_ids),
+        "flow_run_state": len(flow_states),
+        "task_run_state": len(task_states),
+        "flow_run_input": await reader.count("flow_run_input", "flow_run_id", run_ids),
+        "log": await reader.count("log", "flow_run_id", run_ids)
+        + await reader.count("log", "task_run_id", task_ids, _NO_FLOW_RUN),
+        "artifact": len(artifacts),
+        "task_run_state_cache": await reader.count(
+            "task_run_state_cache", "task_run_state_id", state_ids
+        ),
+    }
+    assert set(counts) == set(TREE_TABLES)
+    return len({root.id for root in roots} - skipped), counts
 
 
 def _id(row: Sequence[Any]) -> str:
@@ -288,6 +352,30 @@ class _Reader:
             result = await self.conn.execute(self._statement(sql), {"ids": chunk})
             found.rows.extend(tuple(row) for row in result.all())
         return found
+
+    async def pairs(
+        self, table: str, value: str, column: str, ids: Sequence[str], extra: str = ""
+    ) -> list[tuple[str, str | None]]:
+        """(id, ``value``) of the rows whose ``column`` is in ``ids``."""
+        sql = f"SELECT id, {self.quote(value)} FROM {table} WHERE {self._in(column)}{extra}"
+        found: list[tuple[str, str | None]] = []
+        for chunk in self._chunks(ids):
+            result = await self.conn.execute(self._statement(sql), {"ids": chunk})
+            found.extend((str(row[0]), None if row[1] is None else str(row[1])) for row in result)
+        return found
+
+    async def ids(self, table: str, column: str, ids: Sequence[str], extra: str = "") -> list[str]:
+        """The ids of the rows whose ``column`` is in ``ids``."""
+        return [found for found, _ in await self.pairs(table, "id", column, ids, extra)]
+
+    async def count(self, table: str, column: str, ids: Sequence[str], extra: str = "") -> int:
+        sql = f"SELECT count(*) FROM {table} WHERE {self._in(column)}{extra}"
+        total = 0
+        for chunk in self._chunks(ids):
+            total += int(
+                (await self.conn.execute(self._statement(sql), {"ids": chunk})).scalar_one()
+            )
+        return total
 
     async def rows_by_any(
         self, table: str, lookups: list[tuple[str, Sequence[str], str]], *, lock: bool = False
