@@ -54,6 +54,8 @@ def _options(settings: Settings, *, dry_run: bool) -> RunOptions:
         max_batches=settings.max_batches,
         compression=settings.compression,
         dry_run=dry_run,
+        policies=tuple(settings.policies),
+        legal_hold_tag=settings.legal_hold_tag or None,
     )
 
 
@@ -271,10 +273,14 @@ def _render(report: RunReport) -> None:
     span = ""
     if report.oldest_end_time and report.newest_end_time:
         span = f" (ended {report.oldest_end_time:%Y-%m-%d} .. {report.newest_end_time:%Y-%m-%d})"
+    before = "under the retention rules" if report.policies else (
+        f"before {report.cutoff:%Y-%m-%d %H:%M} UTC")  # fmt: skip
     out.print(
-        f"{report.expired_roots} expired top-level runs before {report.cutoff:%Y-%m-%d %H:%M} UTC"
-        + span, markup=False, highlight=False,
+        f"{report.expired_roots} expired top-level runs {before}" + span,
+        markup=False, highlight=False,
     )  # fmt: skip
+    if report.rule_counts:
+        out.print(_rule_table(report))
     if report.dry_run:
         out.print("dry run: nothing archived or deleted; set enabled = true or pass --yes to act")
         return
@@ -286,9 +292,20 @@ def _render(report: RunReport) -> None:
         f"archived {report.archived_roots} runs in {len(report.batches)} batches, "
         f"{report.bytes / 1e6:.2f} MB written, {report.seconds:.1f} s"
         + (f"; skipped {len(report.skipped_roots)} runs with live subflows"
-           if report.skipped_roots else ""),
+           if report.skipped_roots else "")
+        + (f"; kept {len(report.held_roots)} runs under legal hold" if report.held_roots else ""),
         markup=False, highlight=False,
     )  # fmt: skip
+
+
+def _rule_table(report: RunReport) -> Table:
+    table = Table("rule", "matches", "does", "would archive", "keeps", "legal hold")
+    for count in report.rule_counts:
+        table.add_row(
+            Text(count.rule), Text(count.match), count.action,
+            f"{count.selected:,}", f"{count.kept:,}", f"{count.held:,}",
+        )  # fmt: skip
+    return table
 
 
 def main() -> None:

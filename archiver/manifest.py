@@ -54,6 +54,9 @@ class BatchManifest(BaseModel):
     files: list[FileRecord]
     #: the batch this one rewrote (rows restored out of it); that batch is gone
     replaces: str | None = None
+    #: the retention rule that selected each root ("default": retention_period);
+    #: empty in manifests written before retention policies existed
+    root_rules: dict[str, str] = {}
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
