@@ -60,7 +60,7 @@ from archiver.source.engine import (
     translate_error,
     write_transaction_options,
 )
-from archiver.source.retention import RuleCount, Selection, compile_selection, count_by_rule
+from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
 from archiver.storage import Storage, data_key, manifest_key, pending_key
@@ -193,7 +193,7 @@ async def _run(
         async with engine.connect() as conn:
             schema = await inspect_schema(conn)
             assert options.now is not None  # run() fixes the clock: one cutoff per rule per run
-            selection = compile_selection(conn.dialect.name, policy, options.now)
+            selection = await select_expired(conn, policy, options.now)
             expired, oldest, newest = await count_expired(conn, selection.upper_cutoff, selection)
             if options.dry_run and policy.rules:
                 rule_counts = await count_by_rule(conn, policy, options.now)

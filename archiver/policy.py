@@ -77,7 +77,7 @@ class Rule(BaseModel):
     )
     keep: Literal["forever"] | None = Field(default=None, description="Never archive them.")
     keep_last: int | None = Field(
-        default=None, ge=1, le=100_000, description="Keep the N most recent per deployment/flow."
+        default=None, ge=1, le=10_000, description="Keep the N most recent per deployment/flow."
     )
     per: Literal["deployment", "flow"] | None = Field(
         default=None, description="What keep_last counts per (default: deployment)."

@@ -141,7 +141,7 @@ def test_every_kind_of_rule_decides_and_the_manifest_names_it(
 
     assert archived_by_rule(database) == archived
     assert database.ids("flow_run") == kept | {held}
-    assert report.archived_roots == len(archived)
+    assert report.archived_roots == report.expired_roots == len(archived)
     selected = {name: sum(1 for rule in archived.values() if rule == name) for name in planned}
     assert {name: count.selected for name, count in planned.items()} == selected
     assert [planned[name].kept for name in ("prod", "pii", "gpu", "ml-recent", "last-3")] == [
@@ -185,7 +185,7 @@ def test_keep_last_per_deployment_breaks_end_time_ties_by_id(
     report = archive(database, local_storage, policies=tuple(rules), now=NOW)
 
     assert planned["last-2"].kept == 2 and planned["default"].selected == 3
-    assert report.archived_roots == 3
+    assert report.archived_roots == report.expired_roots == 3
     assert database.ids("flow_run") == newest_two
     assert other in archived_by_rule(database)
 
@@ -325,3 +325,29 @@ def test_the_example_policies_load(tmp_path: Path) -> None:
         "rule-4",
     ]
     assert settings.policies[0].deployment == ["etl/production"]
+
+
+def test_a_dry_run_shows_each_rule(
+    sqlite_database: Any, local_storage: Any, tmp_path: Path
+) -> None:
+    run(sqlite_database, 200, state_type="FAILED")
+    run(sqlite_database, 100, state_type="FAILED")
+    run(sqlite_database, 120, tags=["legal-hold"])  # older than the default 90 days
+    config = write_config(
+        tmp_path / "archiver.toml", local_storage, database_url=sqlite_database.url
+    )
+    config.write_text(
+        config.read_text()
+        + '[[policies]]\nname = "failed"\nstate = "FAILED"\nretention = "P180D"\n'
+    )
+
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+
+    assert result.exit_code == 0, result.output
+    assert "1 expired top-level runs under the retention rules" in result.stdout
+    rows = {line.split()[1]: line.split() for line in result.stdout.splitlines() if "│" in line}
+    failed = [cell for cell in rows["failed"] if cell.replace(",", "").isdigit()]
+    default = [cell for cell in rows["default"] if cell.replace(",", "").isdigit()]
+    # would archive, keeps, legal hold (the action column may wrap)
+    assert failed[-3:] == ["1", "1", "0"] and default[-3:] == ["0", "0", "1"]
+    assert sqlite_database.count("flow_run") == 3

@@ -16,12 +16,15 @@ How a rule matches, field by field:
   ``work_queue_name`` copy, which outlives a deleted queue;
 * state by ``state_type``; tags with jsonb ``?|``/``?&`` on PostgreSQL and
   ``json_each`` on SQLite;
-* keep_last N: a correlated count of newer matching runs of the same deployment
-  (or flow), stopped at N by a LIMIT and looked up through
-  ``ix_flow_run__deployment_id`` / ``ix_flow_run__flow_id``. The runs a batch
-  takes are old, so almost every run of their deployment is newer and the count
-  stops after about N index entries. :func:`count_by_rule`, which looks at every
-  finished run, ranks them with a window function instead.
+* keep_last N: :func:`select_expired` ranks the rule's runs per deployment (or
+  flow) once per run with a window function and binds the ids of the N newest
+  as one JSON array, which the database hashes once per statement. Prefect has no
+  index on ``(deployment_id, end_time)``, so a per-row count of newer runs would
+  read every older run of the deployment still present: it grew with the depth
+  of the backlog (measured, see ``benchmarks/policy_selection.py``). Runs that
+  finish after the ranking ended after ``now`` (clocks agreeing) and expire under
+  no rule in this run, so the snapshot can only keep more than needed, never less
+  (unless something else deletes a deployment's newest runs while archiver works).
 
 The legal hold: a root carrying the tag is never selected here; a tree with a
 tagged subflow is dropped by :func:`~archiver.source.selection.gather` once it
@@ -30,8 +33,9 @@ has locked the tree, where the check is final.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -84,12 +88,60 @@ class Selection:
         return self.rules[index].name
 
 
-def compile_selection(dialect: str, policy: RetentionPolicy, now: datetime) -> Selection:
-    """The policy as SQL for ``dialect``, with every rule's cutoff taken from ``now``."""
+async def select_expired(
+    conn: AsyncConnection, policy: RetentionPolicy, now: datetime
+) -> Selection:
+    """The policy as SQL for this connection's database, cutoffs taken from ``now``,
+    keep_last rules resolved to the runs they keep as of now (one query per rule)."""
+    kept = {
+        position: await _kept_by(conn, rule)
+        for position, rule in enumerate(policy.effective_rules)
+        if rule.keep_last is not None
+    }
+    return compile_selection(conn.dialect.name, policy, now, kept)
+
+
+async def _kept_by(conn: AsyncConnection, rule: Rule) -> list[str]:
+    """Ids of the N newest finished runs of each deployment (or flow) the rule matches."""
+    sql = _Sql(conn.dialect.name)
+    group = f"flow_run.{rule.keep_last_per}_id"
+    where = " AND ".join(
+        [finished_root("flow_run"), f"{group} IS NOT NULL", *sql.filters(rule, "flow_run")]
+    )
+    statement = f"""
+        SELECT id FROM (
+            SELECT flow_run.id AS id, row_number() OVER (
+                PARTITION BY {group} ORDER BY flow_run.end_time DESC, flow_run.id DESC
+            ) AS position
+            FROM flow_run WHERE {where}
+        ) AS ranked
+        WHERE position <= {sql.bind(rule.keep_last)}"""
+    result = await conn.execute(_statement(sql.dialect, statement, sql.lists), sql.params)
+    return [str(run_id) for (run_id,) in result.all()]
+
+
+def compile_selection(
+    dialect: str,
+    policy: RetentionPolicy,
+    now: datetime,
+    kept: Mapping[int, Sequence[str]] | None = None,
+) -> Selection:
+    """The policy as SQL for ``dialect``, with every rule's cutoff taken from ``now``.
+
+    ``kept``: for each keep_last rule (by position in ``policy.effective_rules``),
+    the ids it keeps; see :func:`select_expired`, which finds them.
+    """
     sql = _Sql(dialect)
     rules = policy.effective_rules
     cutoffs = [now - rule.retention if rule.retention is not None else None for rule in rules]
-    rule_index, expired = sql.decide(rules, cutoffs, sql.keep_last_correlated)
+    kept = kept or {}
+
+    def keep_last(position: int, rule: Rule) -> str:
+        if position not in kept:
+            raise ValueError(f"keep_last rule {rule.name!r} needs the ids it keeps")
+        return sql.keep_last_kept(rule, kept[position])
+
+    rule_index, expired = sql.decide(rules, cutoffs, keep_last)
     upper = max((c for c in cutoffs if c is not None), default=NOTHING_EXPIRES)
     # One rule that expires everything before the upper cutoff: the keyset bound is the test.
     where = "" if len(rules) == 1 else f"({expired})"
@@ -124,22 +176,11 @@ async def count_by_rule(
     runs, not per batch); trees with live subflows are counted as selected.
     """
     sql = _Sql(conn.dialect.name)
-    rules = policy.effective_rules
-    cutoffs = [now - rule.retention if rule.retention is not None else None for rule in rules]
-    rule_index, expired = sql.decide(rules, cutoffs, sql.keep_last_ranked)
-    held_roots, held = "", "0"
-    if policy.legal_hold_tag:
-        held_roots = _held_roots_cte(conn.dialect.name, sql.bind(policy.legal_hold_tag))
-        held = "flow_run.id IN (SELECT id FROM held_runs WHERE parent_task_run_id IS NULL)"
-    statement = f"""
-        {held_roots}
-        SELECT rule_index, expired, held, count(*) FROM (
-            SELECT {rule_index} AS rule_index,
-                   CASE WHEN {expired} THEN 1 ELSE 0 END AS expired,
-                   CASE WHEN {held} THEN 1 ELSE 0 END AS held
-            FROM ({sql.ranked_runs(rules)}) AS flow_run
-        ) AS decided
+    decided = sql.decided_runs(policy, now)
+    statement = f"""{decided.ctes}
+        SELECT rule_index, expired, held, count(*) FROM ({decided.select}) AS decided
         GROUP BY rule_index, expired, held"""
+    rules = policy.effective_rules
     counts = [[0, 0, 0] for _ in rules]  # selected, kept, held
     result = await conn.execute(_statement(sql.dialect, statement, sql.lists), sql.params)
     for index, is_expired, is_held, count in result.all():
@@ -149,6 +190,15 @@ async def count_by_rule(
         RuleCount(rule.name, rule.describe_match(), rule.describe_action(), *counts[i])
         for i, rule in enumerate(rules)
     ]
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """SQL: every finished top-level run with its rule_index, expired (0/1), held (0/1)
+    and end_time; ``ctes`` goes before the statement that selects from ``select``."""
+
+    ctes: str
+    select: str
 
 
 def _statement(dialect: str, sql: str, lists: set[str] | frozenset[str]) -> TextClause:
@@ -223,6 +273,23 @@ class _Sql:
             f"CASE {' '.join(expired_whens)} ELSE {expired[last]} END",
         )
 
+    def decided_runs(self, policy: RetentionPolicy, now: datetime) -> _Decided:
+        rules = policy.effective_rules
+        cutoffs = [now - rule.retention if rule.retention is not None else None for rule in rules]
+        rule_index, expired = self.decide(rules, cutoffs, self.keep_last_ranked)
+        ctes, held = "", "0 = 1"
+        if policy.legal_hold_tag:
+            ctes = _held_roots_cte(self.dialect, self.bind(policy.legal_hold_tag))
+            held = "flow_run.id IN (SELECT id FROM held_runs WHERE parent_task_run_id IS NULL)"
+        return _Decided(
+            ctes,
+            f"""SELECT {rule_index} AS rule_index,
+                   CASE WHEN {expired} THEN 1 ELSE 0 END AS expired,
+                   CASE WHEN {held} THEN 1 ELSE 0 END AS held,
+                   flow_run.end_time AS end_time
+            FROM ({self.ranked_runs(rules)}) AS flow_run""",
+        )
+
     def filters(self, rule: Rule, alias: str) -> list[str]:
         """The conditions on run ``alias`` for each match field the rule gives."""
         conditions = []
@@ -272,23 +339,16 @@ class _Sql:
             return f"(SELECT {count} FROM json_each({alias}.tags) WHERE {found}) = {len(set(tags))}"
         return f"EXISTS (SELECT 1 FROM json_each({alias}.tags) WHERE {found})"
 
-    def keep_last_correlated(self, position: int, rule: Rule) -> str:
-        """Fewer than N newer matching finished runs of the same deployment (or flow)."""
-        group = f"{rule.keep_last_per}_id"
-        limit = self.bind(rule.keep_last)
-        newer = " AND ".join(
-            [
-                f"newer.{group} = flow_run.{group}",
-                finished_root("newer"),
-                "(newer.end_time > flow_run.end_time OR (newer.end_time = flow_run.end_time"
-                " AND newer.id > flow_run.id))",
-                *self.filters(rule, "newer"),
-            ]
-        )
-        return (
-            f"flow_run.{group} IS NOT NULL AND (SELECT count(*) FROM (SELECT 1 FROM flow_run"
-            f" AS newer WHERE {newer} LIMIT {limit}) AS newer_runs) < {limit}"
-        )
+    def keep_last_kept(self, rule: Rule, kept: Sequence[str]) -> str:
+        """The run is one of ``kept`` (bound as one JSON array, hashed once per statement)."""
+        ids = self.bind(json.dumps(list(kept)))
+        if self.dialect == "postgresql":
+            listed = (
+                f"SELECT CAST(value AS uuid) FROM jsonb_array_elements_text(CAST({ids} AS jsonb))"
+            )
+        else:
+            listed = f"SELECT value FROM json_each({ids})"
+        return f"flow_run.{rule.keep_last_per}_id IS NOT NULL AND flow_run.id IN ({listed})"
 
     def keep_last_ranked(self, position: int, rule: Rule) -> str:
         """The run's rank among the rule's runs of its deployment is at most N
