@@ -153,7 +153,7 @@ class Rule(BaseModel):
 
 def _duration(value: timedelta) -> str:
     if value % timedelta(days=1) == timedelta(0):
-        return f"{value.days} days"
+        return f"{value.days} day{'' if value.days == 1 else 's'}"
     return f"{value.total_seconds() / 3600:g} hours"
 
 

@@ -52,7 +52,16 @@ _EXPIRED = (
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_FLOW_RUN = " AND flow_run_id IS NULL"
-_AFTER = " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
+#: The first term only bounds the index range (the OR alone is no index condition, so
+#: each batch re-read every run before the keyset position that is still present).
+_AFTER = (
+    " AND end_time >= :after_time"
+    " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
+)
+#: SQLite's planner (with or without ANALYZE) takes ix_flow_run__parent_task_run_id for
+#: ``parent_task_run_id IS NULL`` and sorts every top-level run per batch; the keyset
+#: walk needs the end_time index (measured 52 ms -> 4 ms per batch at 10k runs).
+_BY_END_TIME = {"sqlite": " INDEXED BY ix_flow_run__end_time_desc", "postgresql": ""}
 
 
 @dataclass
@@ -112,7 +121,10 @@ async def count_expired(
     rules and legal hold that narrow the runs before it further.
     """
     where, params, statement = _narrowed(conn, selection)
-    sql = f"SELECT count(*), min(end_time), max(end_time) FROM flow_run WHERE {_EXPIRED}{where}"
+    sql = (
+        f"SELECT count(*), min(end_time), max(end_time)"
+        f" FROM flow_run{_BY_END_TIME[conn.dialect.name]} WHERE {_EXPIRED}{where}"
+    )
     params["cutoff"] = to_db_time(conn.dialect.name, cutoff)
     count, oldest, newest = (await conn.execute(statement(sql), params)).one()
     return (
@@ -159,9 +171,10 @@ async def lock_roots(
     lock = " FOR NO KEY UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     rule = selection.rule_index if selection else "NULL"
     where = f"{_EXPIRED}{keyset}{narrowed}"
-    first_sql = f"SELECT end_time FROM flow_run WHERE {where} ORDER BY end_time LIMIT 1"
+    table = f"flow_run{_BY_END_TIME[dialect]}"
+    first_sql = f"SELECT end_time FROM {table} WHERE {where} ORDER BY end_time LIMIT 1"
     sql = (
-        f"SELECT id, end_time, {rule} FROM flow_run WHERE {where}"
+        f"SELECT id, end_time, {rule} FROM {table} WHERE {where}"
         f" ORDER BY end_time, id LIMIT :limit{lock}"
     )
     while True:
