@@ -50,6 +50,16 @@ _EXPIRED = (
     "parent_task_run_id IS NULL AND end_time IS NOT NULL AND end_time < :cutoff"
     " AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
 )
+#: SQLite's planner (with or without ANALYZE) took ix_flow_run__parent_task_run_id for
+#: ``parent_task_run_id IS NULL`` (or the state_type index) and sorted every top-level
+#: run per batch; a unary + keeps those terms off indexes, so the walk uses the end_time
+#: index (measured 52 ms -> 1 ms per batch at 10k runs) and still runs without it.
+_EXPIRED_BY_DIALECT = {
+    "postgresql": _EXPIRED,
+    "sqlite": _EXPIRED.replace("parent_task_run_id IS", "+parent_task_run_id IS").replace(
+        "AND state_type IN", "AND +state_type IN"
+    ),
+}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_FLOW_RUN = " AND flow_run_id IS NULL"
 #: The first term only bounds the index range (the OR alone is no index condition, so
@@ -58,10 +68,6 @@ _AFTER = (
     " AND end_time >= :after_time"
     " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
 )
-#: SQLite's planner (with or without ANALYZE) takes ix_flow_run__parent_task_run_id for
-#: ``parent_task_run_id IS NULL`` and sorts every top-level run per batch; the keyset
-#: walk needs the end_time index (measured 52 ms -> 4 ms per batch at 10k runs).
-_BY_END_TIME = {"sqlite": " INDEXED BY ix_flow_run__end_time_desc", "postgresql": ""}
 
 
 @dataclass
@@ -123,7 +129,7 @@ async def count_expired(
     where, params, statement = _narrowed(conn, selection)
     sql = (
         f"SELECT count(*), min(end_time), max(end_time)"
-        f" FROM flow_run{_BY_END_TIME[conn.dialect.name]} WHERE {_EXPIRED}{where}"
+        f" FROM flow_run WHERE {_EXPIRED_BY_DIALECT[conn.dialect.name]}{where}"
     )
     params["cutoff"] = to_db_time(conn.dialect.name, cutoff)
     count, oldest, newest = (await conn.execute(statement(sql), params)).one()
@@ -170,11 +176,10 @@ async def lock_roots(
     # gather() upgrades the roots it keeps to FOR UPDATE.
     lock = " FOR NO KEY UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     rule = selection.rule_index if selection else "NULL"
-    where = f"{_EXPIRED}{keyset}{narrowed}"
-    table = f"flow_run{_BY_END_TIME[dialect]}"
-    first_sql = f"SELECT end_time FROM {table} WHERE {where} ORDER BY end_time LIMIT 1"
+    where = f"{_EXPIRED_BY_DIALECT[dialect]}{keyset}{narrowed}"
+    first_sql = f"SELECT end_time FROM flow_run WHERE {where} ORDER BY end_time LIMIT 1"
     sql = (
-        f"SELECT id, end_time, {rule} FROM {table} WHERE {where}"
+        f"SELECT id, end_time, {rule} FROM flow_run WHERE {where}"
         f" ORDER BY end_time, id LIMIT :limit{lock}"
     )
     while True:
