@@ -24,7 +24,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from archiver.compact import CompactOptions, CompactReport, compact, parse_size
-from archiver.console import JsonLines, Reporter, TerminalProgress
+from archiver.console import JsonLines, Reporter, TerminalProgress, rule_table
 from archiver.doctor import DoctorOptions, Status, doctor
 from archiver.errors import ArchiverError, ConfigError
 from archiver.pipeline import RunOptions, RunReport
@@ -189,6 +189,8 @@ def _render_plan(result: Plan) -> None:
         "total", f"{result.total_rows:,}", f"{result.total_estimated_bytes / 1e6:.2f}", style="bold"
     )
     out.print(table)
+    if result.rules:
+        out.print(rule_table(result.rules))
     if result.estimate_method:
         out.print(
             f"estimate: {result.estimate_method}", markup=False, highlight=False, soft_wrap=True

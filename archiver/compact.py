@@ -378,6 +378,7 @@ def _manifest(group: Group, source_id: str, records: list[FileRecord]) -> BatchM
         end_time_max=max(batch.end_time_max for batch in batches),
         files=records,
         compacted_from=merged,
+        root_rules={root: rule for batch in batches for root, rule in batch.root_rules.items()},
     )
 
 

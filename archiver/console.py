@@ -25,11 +25,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from archiver.errors import ArchiverError
 from archiver.pipeline import BatchReport, RunReport
 from archiver.report import batch_event, run_report_document
 from archiver.source.maintenance import MaintenanceReport
+from archiver.source.retention import RuleCount
 
 
 class Reporter(Protocol):
@@ -46,10 +48,12 @@ def summary_lines(report: RunReport) -> list[str]:
     span = ""
     if report.oldest_end_time and report.newest_end_time:
         span = f" (ended {report.oldest_end_time:%Y-%m-%d} .. {report.newest_end_time:%Y-%m-%d})"
-    lines.append(
-        f"{report.expired_roots} expired top-level runs before "
-        f"{report.cutoff:%Y-%m-%d %H:%M} UTC{span}"
+    before = (
+        "under the retention rules"
+        if report.policies
+        else f"before {report.cutoff:%Y-%m-%d %H:%M} UTC"
     )
+    lines.append(f"{report.expired_roots} expired top-level runs {before}{span}")
     if report.dry_run:
         lines.append(
             "dry run: nothing archived or deleted; set enabled = true or pass --yes to act"
@@ -60,8 +64,9 @@ def summary_lines(report: RunReport) -> list[str]:
         f"archived {report.archived_roots} runs in {len(report.batches)} batches, "
         f"{report.bytes / 1e6:.2f} MB written, {report.seconds:.1f} s"
         + (f"; skipped {skipped} runs with live subflows" if skipped else "")
+        + (f"; kept {len(report.held_roots)} runs under legal hold" if report.held_roots else "")
     )
-    left = report.expired_roots - report.archived_roots - skipped
+    left = report.expired_roots - report.archived_roots - skipped - len(report.held_roots)
     if report.outcome in ("stopped", "max_batches", "max_runtime") and left > 0:
         why = {"stopped": "stop requested", "max_batches": "--max-batches reached",
                "max_runtime": "--max-runtime reached"}[report.outcome]  # fmt: skip
@@ -95,6 +100,17 @@ def _statements(statements: list[str]) -> str:
     return ", ".join(others + ([prefix + ", ".join(tables)] if tables else []))
 
 
+def rule_table(counts: list[RuleCount]) -> Table:
+    """Per retention rule: what it matches, and how many runs it selects and keeps."""
+    table = Table("rule", "matches", "does", "would archive", "keeps", "legal hold")
+    for count in counts:
+        table.add_row(
+            Text(count.rule), Text(count.match), count.action,
+            f"{count.selected:,}", f"{count.kept:,}", f"{count.held:,}",
+        )  # fmt: skip
+    return table
+
+
 def _plain(console: Console, text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
@@ -115,6 +131,8 @@ class JsonLines:
 
     def run_ended(self, report: RunReport) -> None:
         self._emit(run_report_document(report))
+        if report.rule_counts:
+            self.log.print(rule_table(report.rule_counts))
         for line in summary_lines(report):
             _plain(self.log, line)
 
@@ -185,6 +203,8 @@ class TerminalProgress:
                 if counts["rows"] or counts["bytes"]:
                     table.add_row(name, f"{counts['rows']:,}", f"{counts['bytes'] / 1e6:.2f}")
             self.console.print(table)
+        if report.rule_counts:
+            self.console.print(rule_table(report.rule_counts))
         for line in summary_lines(report):
             _plain(self.log if line.startswith("warning:") else self.console, line)
 

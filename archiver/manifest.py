@@ -54,6 +54,9 @@ class BatchManifest(BaseModel):
     files: list[FileRecord]
     #: the batch this one rewrote (rows restored out of it); that batch is gone
     replaces: str | None = None
+    #: the retention rule that selected each root ("default": retention_period);
+    #: empty in manifests written before retention policies existed
+    root_rules: dict[str, str] = {}
     #: a compacted batch: every batch merged into it (at any depth) -> its top-level run ids
     compacted_from: dict[str, list[str]] = {}
 

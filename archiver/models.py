@@ -70,3 +70,5 @@ class Root:
 
     id: str
     end_time: datetime
+    #: the retention rule that selected it (None when selected without a policy)
+    rule: str | None = None

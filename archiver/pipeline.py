@@ -17,6 +17,10 @@ A batch is one database transaction around storage work (the commit protocol,
 Any failure before COMMIT rolls back and removes what the batch wrote, so the
 database is unchanged. A failure *during* COMMIT leaves the files and marker
 for recovery, which asks the ledger what happened.
+
+Which roots are expired is decided by the retention policy (``archiver.policy``):
+ordered rules, the global ``retention_period`` for the runs no rule matches, and
+a legal-hold tag whose trees are never taken. The manifest names each root's rule.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from archiver import codec
 from archiver.errors import (
     ArchiverError,
     BatchError,
+    ConfigError,
     DatabaseError,
     StorageError,
     TransientDatabaseError,
@@ -45,6 +50,7 @@ from archiver.errors import (
 )
 from archiver.manifest import BatchManifest, FileRecord, PendingMarker
 from archiver.models import Root, TableRows
+from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, RetentionPolicy, Rule
 from archiver.recovery import ensure_source, recover
 from archiver.report import write_run_report
 from archiver.source import ledger
@@ -56,6 +62,7 @@ from archiver.source.engine import (
     write_transaction_options,
 )
 from archiver.source.maintenance import MaintenanceReport, reclaim_space
+from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
 from archiver.storage import Storage, data_key, manifest_key, pending_key
@@ -63,6 +70,8 @@ from archiver.verify import check_written
 from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
+#: Also called as ``hook("selected", "")`` once a batch's roots are locked, before its
+#: trees are (no batch id yet, nothing written: a fault there is a plain rollback).
 StepHook = Callable[[str, str], None]
 #: Called as ``on_batch(run_so_far, batch)`` after each committed batch (progress, metrics).
 BatchListener = Callable[["RunReport", "BatchReport"], None]
@@ -93,10 +102,23 @@ class RunOptions:
     #: start no batch that would end after this much time (judged by the longest batch so far)
     max_runtime: timedelta | None = None
     write_report: bool = True  # put _reports/<run_id>.json in the archive after a run
+    #: retention rules, first match wins; runs no rule matches use retention_period
+    policies: tuple[Rule, ...] = ()
+    #: trees with a flow run carrying this tag are never archived (None: no legal hold)
+    legal_hold_tag: str | None = DEFAULT_LEGAL_HOLD_TAG
 
     @property
     def cutoff(self) -> datetime:
         return (self.now or datetime.now(UTC)) - self.retention_period
+
+    def policy(self) -> RetentionPolicy:
+        """The retention policy; raises ConfigError for a rule that is invalid or never matches."""
+        try:
+            return RetentionPolicy(self.policies, self.retention_period, self.legal_hold_tag)
+        except ValueError as exc:
+            raise ConfigError(
+                f"invalid retention policy: {exc}", hint="fix the policies in the config"
+            ) from None
 
 
 @dataclass
@@ -130,6 +152,12 @@ class RunReport:
     outcome: Outcome = "done"
     error: str | None = None  # the one-line error of a failed run
     maintenance: MaintenanceReport | None = None
+    #: roots left alone because their tree carries the legal-hold tag
+    held_roots: list[str] = field(default_factory=list)
+    #: per retention rule, what it selects and keeps (dry runs with policies only)
+    rule_counts: list[RuleCount] = field(default_factory=list)
+    #: whether retention rules beyond retention_period were in force
+    policies: bool = False
 
     @property
     def archived_roots(self) -> int:
@@ -205,30 +233,48 @@ async def _run(
 ) -> RunReport:
     url = options.database.url
     cutoff = options.cutoff
+    policy = options.policy()
+    rule_counts: list[RuleCount] = []
     try:
         async with engine.connect() as conn:
             schema = await inspect_schema(conn)
-            expired, oldest, newest = await count_expired(conn, cutoff)
+            assert options.now is not None  # run() fixes the clock: one cutoff per rule per run
+            selection = await select_expired(conn, policy, options.now)
+            expired, oldest, newest = await count_expired(conn, selection.upper_cutoff, selection)
+            if options.dry_run and policy.rules:
+                rule_counts = await count_by_rule(conn, policy, options.now)
     except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, url) from None
     report = RunReport(
         options.dry_run, cutoff, expired, oldest, newest, warnings=list(schema.warnings)
     )
-    if options.retention_period < timedelta(days=1):
+    report.rule_counts, report.policies = rule_counts, bool(policy.rules)
+    short = [
+        rule.name
+        for rule in policy.effective_rules
+        if rule.retention is not None and rule.retention < timedelta(days=1)
+    ]
+    if short:
+        what = "retention_period" if short == ["default"] else f"the retention of {short}"
         report.warnings.append(
-            "retention_period is under a day: Prefect's cancellation clean-up may still be "
+            f"{what} is under a day: Prefect's cancellation clean-up may still be "
             "writing to cancelled runs archiver takes (a day or more is safe)"
         )
     if options.dry_run:
         report.outcome = "dry_run"
         return report
+    batcher: _Batcher | None = None
     try:
         source_id = await ensure_source(engine)
         report.recovered = await recover(engine, storage, source_id)
-        await _loop(_Batcher(engine, storage, schema, options, hook, source_id), watch, report)
+        batcher = _Batcher(engine, storage, schema, options, hook, source_id, selection)
+        await _loop(batcher, watch, report)
     except ArchiverError as exc:
         exc.partial_report = report
         raise
+    finally:
+        if batcher is not None:
+            report.held_roots = sorted(batcher.held_roots)
     if options.vacuum and report.batches:
         touched = [table for table, count in report.rows.items() if count]
         report.maintenance = await reclaim_space(engine, touched)
@@ -300,6 +346,7 @@ class _Batcher:
         options: RunOptions,
         hook: StepHook,
         source_id: str,
+        selection: Selection,
     ) -> None:
         self.engine = engine
         self.storage = storage
@@ -307,6 +354,8 @@ class _Batcher:
         self.options = options
         self.hook = hook
         self.source_id = source_id
+        self.selection = selection
+        self.held_roots: set[str] = set()
 
     async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
@@ -339,12 +388,19 @@ class _Batcher:
     ) -> tuple[Root, BatchReport | None] | None:
         clock = _Stopwatch()
         transaction = await conn.begin()
-        roots = await lock_roots(conn, self.options.cutoff, self.options.batch_size, after)
+        selection = self.selection
+        roots = await lock_roots(
+            conn, selection.upper_cutoff, self.options.batch_size, after, selection
+        )
         if not roots:
             await transaction.rollback()
             return None
         last = roots[-1]
-        gathered = await gather(conn, self.schema, roots)
+        self.hook("selected", "")
+        gathered = await gather(
+            conn, self.schema, roots, legal_hold_tag=self.options.legal_hold_tag
+        )
+        self.held_roots.update(gathered.held_roots)
         clock.lap("select")
         if not gathered.roots:
             await transaction.rollback()
@@ -499,6 +555,7 @@ class _PlannedBatch:
             source_revision=self.schema.revision,
             archiver_version=__version__,
             root_ids=sorted(root.id for root in self.gathered.roots),
+            root_rules={root.id: root.rule for root in self.gathered.roots if root.rule},
             end_time_min=min(end_times),
             end_time_max=max(end_times),
             files=records,

@@ -33,7 +33,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -44,6 +44,7 @@ from archiver.models import Root, TableRows
 from archiver.pipeline import RunOptions
 from archiver.source.engine import create_engine, read_only_connection, translate_error
 from archiver.source.maintenance import sqlite_journal_warning
+from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema, inspect_schema
 from archiver.source.selection import count_expired, count_trees, gather, lock_roots
 from archiver.version import __version__
@@ -68,8 +69,8 @@ class Plan:
     estimated_bytes: dict[str, int | None] = field(default_factory=dict)
     estimate_method: str = ""
     warnings: list[str] = field(default_factory=list)
-    #: Per retention rule; filled by the retention-policy feature when present.
-    rules: list[dict[str, Any]] = field(default_factory=list)
+    #: Per retention rule (when policies are configured): runs it selects and keeps.
+    rules: list[RuleCount] = field(default_factory=list)
     #: Orphans per sweep; filled by the orphan-sweep feature when present.
     sweeps: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -113,40 +114,49 @@ async def plan(options: RunOptions) -> Plan:
 
 
 async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
-    cutoff = options.cutoff
+    now = options.now or datetime.now(UTC)
     schema = await inspect_schema(conn)
-    expired, oldest, newest = await count_expired(conn, cutoff)
+    policy = options.policy()
+    selection = await select_expired(conn, policy, now)
+    cutoff = selection.upper_cutoff
+    expired, oldest, newest = await count_expired(conn, cutoff, selection)
     result = Plan(
         schema.dialect, schema.revision, cutoff, options.retention_period, expired, oldest, newest
     )
+    if policy.rules:
+        result.rules = await count_by_rule(conn, policy, now)
     result.warnings = [*schema.warnings, *_setting_warnings(options)]
     journal = await sqlite_journal_warning(conn)
     if journal:
         result.warnings.append(journal)
-    await _walk(conn, schema, options, result)
+    await _walk(conn, schema, options, selection, result)
     return result
 
 
 async def _walk(
-    conn: AsyncConnection, schema: PrefectSchema, options: RunOptions, result: Plan
+    conn: AsyncConnection,
+    schema: PrefectSchema,
+    options: RunOptions,
+    selection: Selection,
+    result: Plan,
 ) -> None:
     """Count batch by batch, as a run would take them; measure the first few whole."""
-    cutoff = result.cutoff
+    cutoff, hold = result.cutoff, options.legal_hold_tag
     result.rows = dict.fromkeys(TREE_TABLES, 0)
     files = dict.fromkeys(TREE_TABLES, 0)  # batches with rows of a table: one file each
     sample = _Sample()
     after: Root | None = None
     while True:
         if options.max_batches is not None and result.batches >= options.max_batches:
-            result.limited_by_max_batches = await _more_left(conn, cutoff, after)
+            result.limited_by_max_batches = await _more_left(conn, cutoff, after, selection)
             break
-        roots = await lock_roots(conn, cutoff, options.batch_size, after, lock=False)
+        roots = await lock_roots(conn, cutoff, options.batch_size, after, selection, lock=False)
         if not roots:
             break
         after = roots[-1]
-        kept, counts = await count_trees(conn, schema, roots)
+        kept, counts = await count_trees(conn, schema, roots, legal_hold_tag=hold)
         if kept and sample.wants_more(options.batch_size, counts):
-            await _measure(conn, schema, roots, options.compression, sample)
+            await _measure(conn, schema, roots, options, sample)
         await _end_read(conn)
         result.roots += kept
         result.skipped_roots += len(roots) - kept
@@ -169,8 +179,10 @@ async def _end_read(conn: AsyncConnection) -> None:
         await conn.rollback()
 
 
-async def _more_left(conn: AsyncConnection, cutoff: datetime, after: Root | None) -> bool:
-    return bool(await lock_roots(conn, cutoff, 1, after, lock=False))
+async def _more_left(
+    conn: AsyncConnection, cutoff: datetime, after: Root | None, selection: Selection
+) -> bool:
+    return bool(await lock_roots(conn, cutoff, 1, after, selection, lock=False))
 
 
 #: Batches read whole to measure Parquet sizes, at most (plan reads only ids otherwise).
@@ -228,11 +240,12 @@ async def _measure(
     conn: AsyncConnection,
     schema: PrefectSchema,
     roots: list[Root],
-    compression: str,
+    options: RunOptions,
     sample: _Sample,
 ) -> None:
     """Read one batch whole (no locks) and encode each table as a run would."""
-    gathered = await gather(conn, schema, roots, lock=False)
+    compression = options.compression
+    gathered = await gather(conn, schema, roots, legal_hold_tag=options.legal_hold_tag, lock=False)
     tables = [rows for rows in (*gathered.tables.values(), *gathered.references.values()) if rows]
 
     def measure() -> None:

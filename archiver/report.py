@@ -43,6 +43,8 @@ def run_report_document(report: RunReport) -> dict[str, Any]:
         "expired_roots": report.expired_roots,
         "archived_roots": report.archived_roots,
         "skipped_roots": len(report.skipped_roots),
+        "held_roots": len(report.held_roots),
+        "rules": [asdict(count) for count in report.rule_counts],
         "batches": len(report.batches),
         "rows": total_rows,
         "bytes": report.bytes,

@@ -53,12 +53,16 @@ class Rewrite:
         runs = self.tables.get("flow_run")
         roots = runs.filter(pc.is_null(runs["parent_task_run_id"])) if runs else None
         ends = roots.column("end_time").to_pylist() if roots is not None else []
+        root_ids = sorted(roots.column("id").to_pylist()) if roots is not None else []
         return self.old.model_copy(
             update={
                 "batch_id": self.batch_id,
                 "source_id": self.source_id,
                 "created_at": self.created_at,
-                "root_ids": sorted(roots.column("id").to_pylist()) if roots is not None else [],
+                "root_ids": root_ids,
+                "root_rules": {
+                    root: rule for root, rule in self.old.root_rules.items() if root in root_ids
+                },
                 "end_time_min": min(ends, default=self.old.end_time_min),
                 "end_time_max": max(ends, default=self.old.end_time_max),
                 "files": list(self.records),

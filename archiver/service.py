@@ -39,6 +39,8 @@ def run_options(settings: Settings, *, dry_run: bool | None = None) -> RunOption
         compression=settings.compression,
         dry_run=not settings.enabled if dry_run is None else dry_run,
         vacuum=settings.vacuum,
+        policies=tuple(settings.policies),
+        legal_hold_tag=settings.legal_hold_tag or None,
     )
 
 

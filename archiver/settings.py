@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from archiver.errors import ConfigError
+from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, Rule, validate_rules
 
 MIN_RETENTION = timedelta(hours=1)
 
@@ -91,6 +92,21 @@ class Settings(BaseSettings):
     busy_timeout: float = Field(
         default=60, gt=0, le=3600, description="SQLite busy_timeout in seconds."
     )
+    policies: list[Rule] = Field(
+        default_factory=list,
+        description="Retention rules ([[policies]] in TOML), first match wins; runs no rule "
+        "matches use retention_period.",
+    )
+    legal_hold_tag: str = Field(
+        default=DEFAULT_LEGAL_HOLD_TAG,
+        description="Run trees with a flow run carrying this tag are never archived "
+        '("" turns the legal hold off).',
+    )
+
+    @field_validator("policies")
+    @classmethod
+    def _rules_can_match(cls, value: list[Rule]) -> list[Rule]:
+        return list(validate_rules(value))
 
     @field_validator("retention_period")
     @classmethod
@@ -146,11 +162,25 @@ def _check_toml(config_file: Path) -> None:
 def _describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "settings"
+    if first["loc"][:1] == ("policies",) and len(first["loc"]) > 1:
+        return _describe_rule(first, exc.error_count())
     if first["type"] == "extra_forbidden":
         return f"unknown setting {field!r}"
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"invalid setting {field}: {message}{more}"
+
+
+def _describe_rule(error: Any, count: int) -> str:
+    """Name the rule by its position, 1-based as in the file (the default names are rule-N)."""
+    position, *inner = error["loc"][1:]
+    where = f"policies rule {int(position) + 1}" if isinstance(position, int) else "policies"
+    field = ".".join(str(part) for part in inner)
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {field!r} in {where}; rules take {', '.join(Rule.model_fields)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"invalid {where}{' ' + field if field else ''}: {message}{more}"
 
 
 def _hint(config_file: Path | None) -> str:

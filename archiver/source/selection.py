@@ -11,7 +11,13 @@ One batch works inside one transaction on one connection:
    of the trees ``FOR UPDATE`` (PostgreSQL), which stops Prefect from adding
    states, task runs or inputs under them until we commit (their foreign-key
    checks need a KEY SHARE lock), then reads every row that belongs to them.
-   A root whose tree holds a non-terminal run is skipped whole.
+   A root whose tree holds a non-terminal run is skipped whole, and so is one
+   whose tree holds a flow run with the legal-hold tag (checked before the lock,
+   and again on the locked rows, so a tag added meanwhile still protects it).
+
+Retention policies (``archiver.source.retention``) reach :func:`lock_roots` and
+:func:`count_expired` as a :class:`~archiver.source.retention.Selection`: extra
+SQL conditions on the same keyset walk, which also name each root's rule.
 
 :func:`count_trees` is the same walk and lookups, reading only ids and counting,
 without locks: what ``archiver plan`` reports.
@@ -22,10 +28,11 @@ by the ids read here, so a late row stays in the database for a later sweep.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -33,6 +40,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from archiver.errors import ConcurrentChange
 from archiver.models import Column, Kind, Root, TableRows, TableShape
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema
+
+if TYPE_CHECKING:
+    from archiver.source.retention import Selection
 
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
@@ -43,9 +53,24 @@ _EXPIRED = (
     "parent_task_run_id IS NULL AND end_time IS NOT NULL AND end_time < :cutoff"
     " AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
 )
+#: SQLite's planner (with or without ANALYZE) took ix_flow_run__parent_task_run_id for
+#: ``parent_task_run_id IS NULL`` (or the state_type index) and sorted every top-level
+#: run per batch; a unary + keeps those terms off indexes, so the walk uses the end_time
+#: index (measured 52 ms -> 1 ms per batch at 10k runs) and still runs without it.
+_EXPIRED_BY_DIALECT = {
+    "postgresql": _EXPIRED,
+    "sqlite": _EXPIRED.replace("parent_task_run_id IS", "+parent_task_run_id IS").replace(
+        "AND state_type IN", "AND +state_type IN"
+    ),
+}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_FLOW_RUN = " AND flow_run_id IS NULL"
-_AFTER = " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
+#: The first term only bounds the index range (the OR alone is no index condition, so
+#: each batch re-read every run before the keyset position that is still present).
+_AFTER = (
+    " AND end_time >= :after_time"
+    " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
+)
 
 
 @dataclass
@@ -56,6 +81,8 @@ class Gathered:
     skipped_roots: list[str]
     tables: dict[str, TableRows]
     references: dict[str, TableRows] = field(default_factory=dict)
+    #: roots whose tree carries the legal-hold tag: left alone
+    held_roots: list[str] = field(default_factory=list)
 
     @property
     def row_count(self) -> int:
@@ -74,6 +101,13 @@ def from_db_time(value: Any) -> datetime:
     return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
 
 
+def has_tag_sql(dialect: str, alias: str, tag: str) -> str:
+    """SQL: the JSON array ``<alias>.tags`` contains the string bound as ``tag`` (":name")."""
+    if dialect == "postgresql":
+        return f"({alias}.tags ? {tag})"
+    return f"EXISTS (SELECT 1 FROM json_each({alias}.tags) WHERE json_each.value = {tag})"
+
+
 def month_start(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
@@ -88,12 +122,20 @@ def next_month(value: datetime) -> datetime:
 
 
 async def count_expired(
-    conn: AsyncConnection, cutoff: datetime
+    conn: AsyncConnection, cutoff: datetime, selection: Selection | None = None
 ) -> tuple[int, datetime | None, datetime | None]:
-    """How many top-level runs are expired, with the oldest and newest end_time."""
-    sql = f"SELECT count(*), min(end_time), max(end_time) FROM flow_run WHERE {_EXPIRED}"
-    params = {"cutoff": to_db_time(conn.dialect.name, cutoff)}
-    count, oldest, newest = (await conn.execute(text(sql), params)).one()
+    """How many top-level runs are expired, with the oldest and newest end_time.
+
+    ``cutoff``: no run that ended at or after it counts; ``selection``: retention
+    rules and legal hold that narrow the runs before it further.
+    """
+    where, params, statement = _narrowed(conn, selection)
+    sql = (
+        f"SELECT count(*), min(end_time), max(end_time)"
+        f" FROM flow_run WHERE {_EXPIRED_BY_DIALECT[conn.dialect.name]}{where}"
+    )
+    params["cutoff"] = to_db_time(conn.dialect.name, cutoff)
+    count, oldest, newest = (await conn.execute(statement(sql), params)).one()
     return (
         int(count),
         from_db_time(oldest) if oldest else None,
@@ -101,21 +143,36 @@ async def count_expired(
     )
 
 
+def _narrowed(
+    conn: AsyncConnection, selection: Selection | None
+) -> tuple[str, dict[str, Any], Any]:
+    """The extra WHERE, its parameters, and how to build the statement."""
+    if selection is None:
+        return "", {}, text
+    assert selection.dialect == conn.dialect.name, "a selection compiled for another dialect"
+    where = f" AND {selection.where}" if selection.where else ""
+    return where, dict(selection.params), selection.statement
+
+
 async def lock_roots(
     conn: AsyncConnection,
     cutoff: datetime,
     limit: int,
     after: Root | None = None,
+    selection: Selection | None = None,
     *,
     lock: bool = True,
 ) -> list[Root]:
     """Lock up to ``limit`` expired top-level runs after ``after``, oldest first, in one month.
 
-    A month whose remaining runs are all locked by other archivers is passed over.
-    ``lock=False`` reads the same runs without locking them (for ``archiver plan``).
+    ``selection`` narrows them by retention rules and legal hold, and names each
+    root's rule. A month whose remaining runs are all locked by other archivers is
+    passed over. ``lock=False`` reads the same runs without locking them (for
+    ``archiver plan``).
     """
     dialect = conn.dialect.name
-    params: dict[str, Any] = {"limit": limit, "lower": to_db_time(dialect, _EPOCH)}
+    narrowed, params, statement = _narrowed(conn, selection)
+    params |= {"limit": limit, "lower": to_db_time(dialect, _EPOCH)}
     keyset = " AND end_time >= :lower"
     if after is not None:
         keyset += _AFTER
@@ -124,38 +181,54 @@ async def lock_roots(
     # runs, while Prefect may still add rows under a root that turns out to be live.
     # gather() upgrades the roots it keeps to FOR UPDATE.
     suffix = " FOR NO KEY UPDATE SKIP LOCKED" if lock and dialect == "postgresql" else ""
-    first_sql = f"SELECT end_time FROM flow_run WHERE {_EXPIRED}{keyset} ORDER BY end_time LIMIT 1"
+    rule = selection.rule_index if selection else "NULL"
+    where = f"{_EXPIRED_BY_DIALECT[dialect]}{keyset}{narrowed}"
+    first_sql = f"SELECT end_time FROM flow_run WHERE {where} ORDER BY end_time LIMIT 1"
     sql = (
-        f"SELECT id, end_time FROM flow_run WHERE {_EXPIRED}{keyset}"
+        f"SELECT id, end_time, {rule} FROM flow_run WHERE {where}"
         f" ORDER BY end_time, id LIMIT :limit{suffix}"
     )
     while True:
         params["cutoff"] = to_db_time(dialect, cutoff)
-        first = (await conn.execute(text(first_sql), params)).scalar()
+        first = (await conn.execute(statement(first_sql), params)).scalar()
         if first is None:
             return []
         upper = min(cutoff, next_month(from_db_time(first)))
         params["cutoff"] = to_db_time(dialect, upper)
-        rows = (await conn.execute(text(sql), params)).all()
+        rows = (await conn.execute(statement(sql), params)).all()
         if rows:
-            return [Root(str(row[0]), from_db_time(row[1])) for row in rows]
+            return [
+                Root(
+                    str(row[0]),
+                    from_db_time(row[1]),
+                    selection.rule_name(int(row[2])) if selection else None,
+                )
+                for row in rows
+            ]
         params["lower"] = params["cutoff"]
 
 
 async def gather(
-    conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root], *, lock: bool = True
+    conn: AsyncConnection,
+    schema: PrefectSchema,
+    roots: Sequence[Root],
+    *,
+    legal_hold_tag: str | None = None,
+    lock: bool = True,
 ) -> Gathered:
-    """Read the whole tree of every root; skip roots whose tree is not all terminal.
+    """Read the whole tree of every root; skip roots whose tree is not all terminal,
+    and leave alone those whose tree has a flow run tagged ``legal_hold_tag``.
 
     ``lock=False`` reads without row locks (a read-only sample for ``archiver plan``).
     """
     reader = _Reader(conn, schema)
-    tree, skipped, kept = await _terminal_trees(reader, roots)
+    tree, skipped, held, kept = await _walk(reader, roots, legal_hold_tag)
     flow_runs = await reader.rows("flow_run", "id", kept, lock=lock)
-    changed = _roots_with_live_runs(flow_runs, tree)
-    if changed:
+    held |= _roots_on_hold(flow_runs, tree, legal_hold_tag)
+    changed = _roots_with_live_runs(flow_runs, tree) - held
+    if changed or held:
         skipped |= changed
-        flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in changed]
+        flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in skipped | held]
     run_ids = flow_runs.ids
     task_runs = await reader.rows("task_run", "flow_run_id", run_ids, lock=lock)
     task_ids = task_runs.ids
@@ -197,27 +270,35 @@ async def gather(
         ),
     }
     assert set(tables) == set(TREE_TABLES) and set(references) == set(REFERENCE_TABLES)
-    kept_roots = [root for root in roots if root.id not in skipped]
-    return Gathered(kept_roots, sorted(skipped), tables, references)
+    kept_roots = [root for root in roots if root.id not in skipped | held]
+    return Gathered(kept_roots, sorted(skipped), tables, references, sorted(held))
 
 
-async def _terminal_trees(
-    reader: _Reader, roots: Sequence[Root]
-) -> tuple[dict[str, str], set[str], list[str]]:
-    """Walk the trees: (run id -> root id, roots with a live run, the runs of the other trees).
+async def _walk(
+    reader: _Reader, roots: Sequence[Root], legal_hold_tag: str | None
+) -> tuple[dict[str, str], set[str], set[str], list[str]]:
+    """Walk the trees: (run id -> root id, roots with a live run, roots on legal hold,
+    the runs of the other trees).
 
-    Which trees are live is decided without locks, so that Prefect can go on working
-    on their runs; gather() locks only the trees it keeps, then checks them again.
+    Which trees are live or held is decided without locks, so that Prefect can go
+    on working on their runs; gather() locks only the trees it keeps, then checks
+    them again.
     """
     tree = await reader.tree_of([root.id for root in roots])
-    states = await reader.state_types(list(tree))
-    skipped = {tree[run] for run, state in states.items() if state not in TERMINAL_STATES}
-    kept = [run for run, root in tree.items() if root not in skipped]
-    return tree, skipped, kept
+    statuses = await reader.statuses(list(tree), legal_hold_tag)
+    held = {tree[run] for run, (_, on_hold) in statuses.items() if on_hold}
+    skipped = {tree[run] for run, (state, _) in statuses.items() if state not in TERMINAL_STATES}
+    skipped -= held
+    kept = [run for run, root in tree.items() if root not in skipped | held]
+    return tree, skipped, held, kept
 
 
 async def count_trees(
-    conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[Root]
+    conn: AsyncConnection,
+    schema: PrefectSchema,
+    roots: Sequence[Root],
+    *,
+    legal_hold_tag: str | None = None,
 ) -> tuple[int, dict[str, int]]:
     """What gather() would take for these roots, as (roots kept, rows per tree table).
 
@@ -226,7 +307,7 @@ async def count_trees(
     SQL), and locking nothing.
     """
     reader = _Reader(conn, schema)
-    _, skipped, run_ids = await _terminal_trees(reader, roots)
+    _, skipped, held, run_ids = await _walk(reader, roots, legal_hold_tag)
     task_ids = await reader.ids("task_run", "flow_run_id", run_ids)
     flow_states = await reader.pairs("flow_run_state", "result_artifact_id", "flow_run_id", run_ids)
     task_states = await reader.pairs(
@@ -253,7 +334,7 @@ async def count_trees(
         ),
     }
     assert set(counts) == set(TREE_TABLES)
-    return len({root.id for root in roots} - skipped), counts
+    return len({root.id for root in roots} - skipped - held), counts
 
 
 def _id(row: Sequence[Any]) -> str:
@@ -263,6 +344,18 @@ def _id(row: Sequence[Any]) -> str:
 def _roots_with_live_runs(flow_runs: TableRows, tree: dict[str, str]) -> set[str]:
     state_index = flow_runs.shape.column_names.index("state_type")
     return {tree[_id(row)] for row in flow_runs.rows if row[state_index] not in TERMINAL_STATES}
+
+
+def _roots_on_hold(flow_runs: TableRows, tree: dict[str, str], tag: str | None) -> set[str]:
+    if not tag:
+        return set()
+    tags_index = flow_runs.shape.column_names.index("tags")
+    return {tree[_id(row)] for row in flow_runs.rows if tag in _tags(row[tags_index])}
+
+
+def _tags(value: Any) -> list[Any]:
+    tags = json.loads(value) if isinstance(value, str | bytes) else value
+    return tags if isinstance(tags, list) else []
 
 
 def _column_values(rows: TableRows, column: str) -> set[str]:
@@ -312,12 +405,21 @@ class _Reader:
             tree.update((str(run_id), str(root_id)) for run_id, root_id in result.all())
         return tree
 
-    async def state_types(self, run_ids: list[str]) -> dict[str, str | None]:
-        sql = f"SELECT id, state_type FROM flow_run WHERE {self._in('id')}"
-        found: dict[str, str | None] = {}
+    async def statuses(
+        self, run_ids: list[str], hold_tag: str | None
+    ) -> dict[str, tuple[str | None, bool]]:
+        """Each run's state type, and whether it carries ``hold_tag``."""
+        held = f"CASE WHEN {has_tag_sql(self.dialect, 'flow_run', ':tag')} THEN 1 ELSE 0 END"
+        sql = (
+            f"SELECT id, state_type, {held if hold_tag else 0} FROM flow_run WHERE {self._in('id')}"
+        )
+        found: dict[str, tuple[str | None, bool]] = {}
         for chunk in self._chunks(run_ids):
-            result = await self.conn.execute(self._statement(sql), {"ids": chunk})
-            found.update((str(run_id), state) for run_id, state in result.all())
+            params = {"ids": chunk, "tag": hold_tag} if hold_tag else {"ids": chunk}
+            result = await self.conn.execute(self._statement(sql), params)
+            found.update(
+                (str(run_id), (state, bool(on_hold))) for run_id, state, on_hold in result.all()
+            )
         return found
 
     async def refuse_new_subflows(self, task_ids: list[str], known_runs: set[str]) -> None:
