@@ -344,10 +344,10 @@ def test_a_dry_run_shows_each_rule(
     result = CliRunner().invoke(app, ["run", "--config", str(config)])
 
     assert result.exit_code == 0, result.output
-    assert "1 expired top-level runs under the retention rules" in result.stdout
-    rows = {line.split()[1]: line.split() for line in result.stdout.splitlines() if "│" in line}
-    failed = [cell for cell in rows["failed"] if cell.replace(",", "").isdigit()]
-    default = [cell for cell in rows["default"] if cell.replace(",", "").isdigit()]
-    # would archive, keeps, legal hold (the action column may wrap)
-    assert failed[-3:] == ["1", "1", "0"] and default[-3:] == ["0", "0", "1"]
+    assert "1 expired top-level runs under the retention rules" in result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])  # stdout is not a terminal: JSON lines
+    rules = {rule["rule"]: rule for rule in report["rules"]}
+    assert [rules["failed"][key] for key in ("selected", "kept", "held")] == [1, 1, 0]
+    assert [rules["default"][key] for key in ("selected", "kept", "held")] == [0, 0, 1]
+    assert "failed" in result.stderr and "legal hold" in result.stderr  # the rule table
     assert sqlite_database.count("flow_run") == 3
