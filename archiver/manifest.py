@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from archiver.errors import VerificationError
+from archiver.models import BatchKind
 
 FORMAT_VERSION = 1
 
@@ -54,6 +55,10 @@ class BatchManifest(BaseModel):
     files: list[FileRecord]
     #: the batch this one rewrote (rows restored out of it); that batch is gone
     replaces: str | None = None
+    #: what selected the rows: expired run trees, or a sweep (orphans, standalone task
+    #: runs, artifact collections, events). Sweep batches have no root_ids, and
+    #: end_time_min/max span the time column the sweep selected by.
+    kind: BatchKind = "runs"
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

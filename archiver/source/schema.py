@@ -34,6 +34,10 @@ TREE_TABLES = (
 )
 #: Rows the runs name, copied into each batch but never deleted.
 REFERENCE_TABLES = ("flow", "deployment")
+#: Tables only sweeps archive (no foreign keys; reflected when present).
+SWEEP_TABLES = ("event_resources", "events", "artifact_collection")
+#: Every table archiver deletes from, children before parents.
+DELETE_ORDER = (*SWEEP_TABLES, *TREE_TABLES)
 
 #: Every enforced foreign key into a run table that archiver accounts for
 #: (child table, child column). Anything else referencing these tables is unknown.
@@ -122,7 +126,8 @@ def _reflect(sync: Connection) -> tuple[dict[str, TableShape], list[str]]:
     dialect = sync.dialect.name
     tables = {
         name: TableShape(name, tuple(_column(col, dialect) for col in inspector.get_columns(name)))
-        for name in TREE_TABLES + REFERENCE_TABLES
+        for name in TREE_TABLES + REFERENCE_TABLES + SWEEP_TABLES
+        if name in existing
     }
     warnings = [] if _has_end_time_index(inspector) else [
         "flow_run has no index on end_time; selecting expired runs will scan the table "
@@ -151,6 +156,18 @@ def _has_end_time_index(inspector: Any) -> bool:
         warnings.simplefilter("ignore", SAWarning)
         indexes = inspector.get_indexes("flow_run")
     return any((ix.get("column_names") or [None])[0] == "end_time" for ix in indexes)
+
+
+def select_column(dialect: str, column: Column) -> str:
+    """A column as archiver reads it: JSON and UUIDs as text on PostgreSQL.
+
+    asyncpg via SQLAlchemy decodes json, which would turn JSON null into SQL NULL;
+    text keeps the document exactly.
+    """
+    quoted = f'"{column.name}"'
+    if dialect == "postgresql" and column.kind in (Kind.JSON, Kind.UUID):
+        return f"CAST({quoted} AS text) AS {quoted}"
+    return quoted
 
 
 def _column(col: Any, dialect: str) -> Column:
