@@ -54,6 +54,9 @@ def _options(settings: Settings, *, dry_run: bool) -> RunOptions:
         max_batches=settings.max_batches,
         compression=settings.compression,
         dry_run=dry_run,
+        sweeps=tuple(settings.sweeps),
+        events_retention_period=settings.events_retention_period,
+        sweep_batch_size=settings.sweep_batch_size,
     )
 
 
@@ -200,7 +203,7 @@ def ls_command(config: ConfigOption = None) -> None:
             batch.batch_id,
             batch.partition,
             f"{batch.end_time_min:%Y-%m-%d} .. {batch.end_time_max:%Y-%m-%d}",
-            str(len(batch.root_ids)),
+            str(len(batch.root_ids)) if batch.kind == "runs" else f"({batch.kind})",
             f"{sum(f.rows for f in archived):,}",
             f"{sum(f.bytes for f in batch.files) / 1e6:.2f}",
         )
@@ -276,6 +279,8 @@ def _render(report: RunReport) -> None:
         + span, markup=False, highlight=False,
     )  # fmt: skip
     if report.dry_run:
+        for label, count in report.sweep_counts.items():
+            out.print(f"sweep {label}: {count:,} rows", markup=False, highlight=False)
         out.print("dry run: nothing archived or deleted; set enabled = true or pass --yes to act")
         return
     table = Table("table", "rows archived", title=None)
@@ -289,6 +294,19 @@ def _render(report: RunReport) -> None:
            if report.skipped_roots else ""),
         markup=False, highlight=False,
     )  # fmt: skip
+    _render_sweeps(report)
+
+
+def _render_sweeps(report: RunReport) -> None:
+    swept = report.swept
+    for kind, rows in sorted(swept.items()):
+        batches = sum(1 for batch in report.sweep_batches if batch.kind == kind)
+        counts = ", ".join(f"{table} {count:,}" for table, count in sorted(rows.items()))
+        out.print(f"swept {kind}: {counts} in {batches} batches", markup=False, highlight=False)
+    if report.repointed_collections:
+        out.print(f"re-pointed {report.repointed_collections} artifact collections")
+    if not swept and not report.repointed_collections:
+        out.print("sweeps: nothing to archive", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ from archiver.sweeps import (
     Sweep,
     SweepName,
     SweepOptions,
+    count_sweeps,
     plan_sweeps,
 )
 from archiver.verify import check_written
@@ -150,8 +151,10 @@ class RunReport:
     seconds: float = 0.0
     #: batches of the sweeps (orphans, standalone task runs, collections, events)
     sweep_batches: list[BatchReport] = field(default_factory=list)
-    #: collections re-pointed without archiving anything
+    #: artifact collections re-pointed to a remaining artifact (by run or sweep batches)
     repointed_collections: int = 0
+    #: dry run: rows each sweep would take (``kind:table``)
+    sweep_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def swept(self) -> dict[str, dict[str, int]]:
@@ -212,11 +215,15 @@ async def _run(
         async with engine.connect() as conn:
             schema = await inspect_schema(conn)
             expired, oldest, newest = await count_expired(conn, cutoff)
+            counts = {}
+            if options.dry_run:  # a full run walks the tables instead of counting first
+                counts = await count_sweeps(conn, schema, options.sweep_options())
     except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, url) from None
     report = RunReport(
         options.dry_run, cutoff, expired, oldest, newest, warnings=list(schema.warnings)
     )
+    report.sweep_counts = counts
     if options.retention_period < timedelta(days=1):
         report.warnings.append(
             "retention_period is under a day: Prefect's cancellation clean-up may still be "
@@ -233,6 +240,8 @@ async def _run(
     except ArchiverError as exc:
         exc.partial_report = report
         raise
+    finally:
+        report.repointed_collections = batcher.repointed
     return report
 
 
@@ -294,7 +303,7 @@ class _Batcher:
         self.options = options
         self.hook = hook
         self.source_id = source_id
-        self.repointed = 0  # collections re-pointed by batches that archived nothing
+        self.repointed = 0  # artifact collections re-pointed by committed transactions
 
     async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
@@ -401,6 +410,7 @@ class _Batcher:
             await self._abandon(transaction, batch)
             raise _batch_error(exc, self.options.database.url) from exc
         await self._commit(transaction, f"batch {batch.batch_id}")
+        self.repointed += len(content.repoints)
         self.hook("committed", batch.batch_id)
         clock.lap("commit")
         await self._publish(manifest)

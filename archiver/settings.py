@@ -25,6 +25,11 @@ from pydantic_settings import (
 from archiver.errors import ConfigError
 
 MIN_RETENTION = timedelta(hours=1)
+SweepSetting = Literal["orphans", "collections", "events"]
+
+
+def _default_sweeps() -> list[SweepSetting]:
+    return ["orphans", "collections"]  # events are opt-in
 
 
 def prefect_home() -> Path:
@@ -86,8 +91,21 @@ class Settings(BaseSettings):
     busy_timeout: float = Field(
         default=60, gt=0, le=3600, description="SQLite busy_timeout in seconds."
     )
+    sweeps: list[SweepSetting] = Field(
+        default_factory=_default_sweeps,
+        description="Sweeps run after the run batches: orphans (logs, artifacts and standalone "
+        "task runs of no existing run), collections (artifact collections whose latest "
+        "artifact is gone), events (opt-in: events older than events_retention_period).",
+    )
+    events_retention_period: timedelta = Field(
+        default=timedelta(days=7),
+        description="The events sweep archives events that occurred longer ago than this.",
+    )
+    sweep_batch_size: int = Field(
+        default=5000, ge=100, le=50_000, description="Rows of the swept table per sweep batch."
+    )
 
-    @field_validator("retention_period")
+    @field_validator("retention_period", "events_retention_period")
     @classmethod
     def _at_least_an_hour(cls, value: timedelta) -> timedelta:
         if value < MIN_RETENTION:

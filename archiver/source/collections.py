@@ -144,18 +144,22 @@ async def apply_repoints(conn: AsyncConnection, repoints: Sequence[Repoint]) -> 
             )
 
 
-async def reconcile_keys(conn: AsyncConnection, keys: dict[str, str | None]) -> int:
+async def reconcile_keys(
+    conn: AsyncConnection, keys: dict[str, str | None]
+) -> tuple[int, set[str]]:
     """Point each key's collection at its newest artifact, creating the row if needed.
 
     ``keys`` maps a key to the id to give a new collection row (an archived
-    row's id, so the row comes back as it was named), or None for a new id.
-    Returns how many collection rows were inserted or changed.
+    row's id, so the row comes back under its name), or None for a new id.
+    Returns how many collection rows were inserted or changed, and the keys
+    that now have a collection (a key with no artifact left has none).
     """
-    changed = 0
+    changed, settled = 0, set()
     for key, wanted_id in sorted(keys.items()):
         newest = await newest_artifact(conn, key, ())
         if newest is None:
             continue
+        settled.add(key)
         existing = (
             await conn.execute(
                 text('SELECT id, latest_id FROM artifact_collection WHERE "key" = :key'),
@@ -168,7 +172,7 @@ async def reconcile_keys(conn: AsyncConnection, keys: dict[str, str | None]) -> 
         elif str(existing[1]) != newest:
             await apply_repoints(conn, [Repoint(str(existing[0]), str(existing[1]), newest)])
             changed += 1
-    return changed
+    return changed, settled
 
 
 async def _insert_collection(
