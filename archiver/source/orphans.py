@@ -12,9 +12,11 @@ must be old):
 2. Chunks are read in ``(time, id)`` order after a cursor: ``time >= :t AND
    (time > :t OR id > :id)``, so every statement is an index range scan that
    starts where the last one stopped.
-3. For each chunk, the parents its rows name are looked up by primary key
-   (``SELECT id FROM flow_run WHERE id = ANY(:chunk_ids)``): the cost of a chunk
-   does not depend on the size of any table.
+3. In the same statement, the parent each row of the chunk names is looked up
+   by primary key (``NOT EXISTS (SELECT 1 FROM flow_run WHERE id = chunk.flow_run_id)``
+   over the chunk only, not an anti-join over the table): the cost of a chunk
+   does not depend on the size of any table, and only the qualifying rows and
+   the chunk's last key (the next cursor) come back.
 
 The walk runs outside the batch transaction and only proposes ids.
 :func:`lock_rows` then locks those ids (PostgreSQL ``FOR UPDATE SKIP LOCKED``)
@@ -34,13 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.models import TableRows
 from archiver.source.schema import PrefectSchema, select_column
-from archiver.source.selection import (
-    CHUNK,
-    from_db_time,
-    month_start,
-    next_month,
-    to_db_time,
-)
+from archiver.source.selection import CHUNK, from_db_time, month_start, next_month, to_db_time
 
 
 @dataclass(frozen=True)
@@ -65,16 +61,17 @@ class Walk:
     links: tuple[Link, ...] = ()
     where: str = ""
 
-    def orphan_sql(self) -> str:
+    def orphan_sql(self, alias: str = "") -> str:
         """The links condition as SQL, checked by primary key for each row."""
         if not self.links:
             return "1 = 1"
+        alias = alias or self.table
         cases = []
         for index, link in enumerate(self.links):
-            earlier = [f"{self.table}.{prior.column} IS NULL" for prior in self.links[:index]]
+            earlier = [f"{alias}.{prior.column} IS NULL" for prior in self.links[:index]]
             missing = (
-                f"{self.table}.{link.column} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
-                f"{link.parent} AS parent WHERE parent.id = {self.table}.{link.column})"
+                f"{alias}.{link.column} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
+                f"{link.parent} AS parent WHERE parent.id = {alias}.{link.column})"
             )
             cases.append("(" + " AND ".join([*earlier, missing]) + ")")
         return "(" + " OR ".join(cases) + ")"
@@ -117,11 +114,10 @@ class Walker:
                 if found:
                     return Slice(found, partition)
                 continue
-            missing = await self._missing_parents(conn, rows)
-            for row in rows:
-                self.after = (row[0], str(row[1]))
-                if self._qualifies(row, missing):
-                    found.append(str(row[1]))
+            for time_value, row_id, qualifies in rows:
+                self.after = (time_value, str(row_id))
+                if qualifies:
+                    found.append(str(row_id))
                     if len(found) >= want:
                         return Slice(found, partition)
 
@@ -142,6 +138,11 @@ class Walker:
         return True
 
     async def _chunk(self, conn: AsyncConnection) -> Sequence[Any]:
+        """The next chunk in key order: its qualifying rows, and its last row (the cursor).
+
+        Parents are looked up by primary key for the chunk's rows only, inside
+        the statement, so only qualifying rows cross the wire.
+        """
         dialect = conn.dialect.name
         walk = self.walk
         column = f"{walk.table}.{walk.time_column}"
@@ -159,29 +160,19 @@ class Walker:
             params["t"], params["id"] = self.after
         where = f" AND ({walk.where})" if walk.where else ""
         links = "".join(f", {walk.table}.{link.column}" for link in walk.links)
-        sql = (
-            f"SELECT {column}, {walk.table}.id{links} FROM {walk.table}"
-            f" WHERE {keyset} AND {column} < :upper{where}"
-            f" ORDER BY {column}, {walk.table}.id LIMIT :limit"
-        )
+        sql = f"""
+            WITH chunk AS (
+                SELECT {column} AS walked, {walk.table}.id{links} FROM {walk.table}
+                WHERE {keyset} AND {column} < :upper{where}
+                ORDER BY {column}, {walk.table}.id LIMIT :limit
+            ), marked AS (
+                SELECT walked, id, {walk.orphan_sql("chunk")} AS qualifies,
+                       row_number() OVER (ORDER BY walked DESC, id DESC) AS from_end
+                FROM chunk
+            )
+            SELECT walked, CAST(id AS text), qualifies FROM marked
+            WHERE qualifies OR from_end = 1 ORDER BY walked, id"""
         return (await conn.execute(text(sql), params)).all()
-
-    async def _missing_parents(self, conn: AsyncConnection, rows: Sequence[Any]) -> set[str]:
-        """Parent ids named by ``rows`` that do not exist, by primary-key lookups."""
-        missing: set[str] = set()
-        for position, link in enumerate(self.walk.links, start=2):
-            named = sorted({str(row[position]) for row in rows if row[position] is not None})
-            present = await existing_ids(conn, link.parent, named)
-            missing |= {f"{link.parent}:{value}" for value in set(named) - present}
-        return missing
-
-    def _qualifies(self, row: Sequence[Any], missing: set[str]) -> bool:
-        if not self.walk.links:
-            return True
-        for position, link in enumerate(self.walk.links, start=2):
-            if row[position] is not None:
-                return f"{link.parent}:{row[position]}" in missing
-        return False
 
 
 def _in(dialect: str, column: str) -> str:
@@ -193,18 +184,6 @@ def _statement(sql: str, dialect: str) -> TextClause:
     if dialect == "sqlite":
         statement = statement.bindparams(bindparam("ids", expanding=True))
     return statement
-
-
-async def existing_ids(conn: AsyncConnection, table: str, ids: Sequence[str]) -> set[str]:
-    """Which of ``ids`` exist in ``table`` (primary-key lookups, chunked)."""
-    dialect = conn.dialect.name
-    statement = _statement(f"SELECT id FROM {table} WHERE {_in(dialect, 'id')}", dialect)
-    found: set[str] = set()
-    size = CHUNK[dialect]
-    for start in range(0, len(ids), size):
-        result = await conn.execute(statement, {"ids": list(ids[start : start + size])})
-        found.update(str(row[0]) for row in result.all())
-    return found
 
 
 async def lock_rows(
