@@ -11,7 +11,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from archiver.cli import app
 from archiver.restore import RestoreOptions, restore
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
@@ -19,7 +21,7 @@ from archiver.storage import Storage
 from archiver.sweeps import SweepOptions, count_sweeps
 from archiver.verify import list_batches, verify_archive
 from tests import factory
-from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive
+from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, write_config
 from tests.oracle import (
     RUN_TABLES,
     archived_rows,
@@ -338,3 +340,23 @@ def test_sweep_killed_mid_batch_loses_nothing(database: Any, local_storage: Any,
 
     assert_nothing_lost(database, local_storage, before)
     finish_sweeps(database, local_storage, before, made)
+
+
+def test_cli_reports_sweeps_in_dry_run_and_after_a_run(
+    tmp_path: Any, sqlite_database: Any, local_storage: Any
+) -> None:
+    make_orphans(sqlite_database)
+    config = write_config(
+        tmp_path / "archiver.toml", local_storage, database_url=sqlite_database.url,
+        retention_period="P30D", batch_interval=0, sweeps=["orphans", "collections", "events"],
+    )  # fmt: skip
+
+    dry = CliRunner().invoke(app, ["run", "--config", str(config)])
+    done = CliRunner().invoke(app, ["run", "--yes", "--config", str(config)])
+    listed = CliRunner().invoke(app, ["ls", "--config", str(config)])
+
+    assert dry.exit_code == 0 and "sweep orphans:log: 6 rows" in dry.stdout, dry.output
+    assert done.exit_code == 0, done.output
+    assert "swept orphans: artifact 2, artifact_collection 1, log 6 in 2 batches" in done.stdout
+    assert "re-pointed 1 artifact collections" in done.stdout
+    assert "(orphans)" in listed.stdout
