@@ -125,21 +125,25 @@ def detach_task_run(db: Any, tree: factory.Tree) -> str:
 def test_standalone_task_runs_archived_with_states_and_logs(
     database: Any, local_storage: Any
 ) -> None:
-    old = factory.make_tree(database, end_time=RECENT - timedelta(days=60))  # ends before cutoff
+    old, *others = [factory.make_tree(database, end_time=EXPIRED - timedelta(hours=i))
+                    for i in range(3)]  # fmt: skip
     young = factory.make_tree(database, end_time=RECENT)
     old_task, young_task = detach_task_run(database, old), detach_task_run(database, young)
+    other_tasks = {detach_task_run(database, tree) for tree in others}
     old_states = database.ids("task_run_state", "task_run_id = :t", {"t": old_task})
     old_logs = database.ids("log", "task_run_id = :t", {"t": old_task})
     assert old_states and old_logs
     before = snapshot_ids(database)
 
-    report = archive(database, local_storage)
+    report = archive(database, local_storage, sweep_batch_size=1)
 
     assert old_task not in database.ids("task_run") and young_task in database.ids("task_run")
+    assert not other_tasks & database.ids("task_run")
     assert not old_states & database.ids("task_run_state")
     assert set(archived_rows(local_storage, "task_run_state")) >= old_states
     assert old_logs <= set(archived_rows(local_storage, "log"))
-    assert report.swept["standalone_tasks"]["task_run"] == 1
+    assert report.swept["standalone_tasks"]["task_run"] == 3
+    assert sum(1 for batch in report.sweep_batches if batch.kind == "standalone_tasks") == 3
     assert_nothing_lost(database, local_storage, before)
 
 
@@ -221,7 +225,7 @@ def test_events_archived_only_when_enabled_and_past_their_retention(
 
     report = archive(
         database, local_storage, sweeps=("events",), events_retention_period=timedelta(days=7),
-        sweep_batch_size=100,
+        sweep_batch_size=1,
     )  # fmt: skip
 
     old_events = {event for event, _ in old}
@@ -231,6 +235,7 @@ def test_events_archived_only_when_enabled_and_past_their_retention(
     assert set(archived_rows(local_storage, "events")) == old_events
     assert set(archived_rows(local_storage, "event_resources")) == old_resources
     assert report.swept["events"] == {"events": 3, "event_resources": 7}
+    assert len(report.sweep_batches) == 4  # one event (with its resources) a batch, then the stray
     assert_archive_consistent(database, local_storage)
 
 
