@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from archiver.cli import app
 from archiver.restore import RestoreOptions, restore
+from archiver.show import show_run
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
 from archiver.storage import Storage
@@ -68,6 +69,7 @@ def make_orphans(db: Any) -> dict[str, Any]:
 
 def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage: Any) -> None:
     made = make_orphans(database)
+    expired = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
     before = snapshot_ids(database)
     collection_before = database.rows('SELECT id, "key" FROM artifact_collection')
 
@@ -76,7 +78,8 @@ def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage:
     logs = database.ids("log")
     assert not set(made["old_logs"]) & logs, "old orphan logs were not swept"
     assert {made["young_log"], made["live_old_log"], made["no_run_log"]} <= logs
-    assert set(archived_rows(local_storage, "log")) == set(made["old_logs"])
+    tree_logs = set(expired.rows_by_table()["log"])
+    assert set(archived_rows(local_storage, "log")) == set(made["old_logs"]) | tree_logs
     artifacts = database.ids("artifact")
     assert {made["kept_shared"], made["young_artifact"]} <= artifacts
     assert not {made["alone"], made["orphan_shared"]} & artifacts
@@ -87,7 +90,9 @@ def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage:
     alone_row = next(r for r in collection_before if r["key"] == "alone")
     assert set(archived_collections) == {str(alone_row["id"])}
     assert report.swept["orphans"]["log"] == 6 and report.swept["orphans"]["artifact"] == 2
-    assert {m.kind for m in list_batches(Storage(local_storage.url))} == {"orphans"}
+    assert {m.kind for m in list_batches(Storage(local_storage.url))} == {"runs", "orphans"}
+    view = show_run(Storage(local_storage.url), expired.subflow_ids[0])  # show still finds runs
+    assert view.run["id"] == expired.subflow_ids[0]
     assert_nothing_lost(database, local_storage, before)
     assert_archive_consistent(database, local_storage)
 
