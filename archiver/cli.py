@@ -191,6 +191,8 @@ def _render_plan(result: Plan) -> None:
     out.print(table)
     if result.rules:
         out.print(rule_table(result.rules))
+    for label, count in result.sweeps.items():
+        out.print(f"sweep {label}: {count:,} rows", markup=False, highlight=False)
     if result.estimate_method:
         out.print(
             f"estimate: {result.estimate_method}", markup=False, highlight=False, soft_wrap=True
@@ -348,7 +350,7 @@ def ls_command(config: ConfigOption = None) -> None:
             batch.batch_id + merged,
             batch.partition,
             f"{batch.end_time_min:%Y-%m-%d} .. {batch.end_time_max:%Y-%m-%d}",
-            str(len(batch.root_ids)),
+            str(len(batch.root_ids)) if batch.kind == "runs" else f"({batch.kind})",
             f"{sum(f.rows for f in archived):,}",
             f"{sum(f.bytes for f in batch.files) / 1e6:.2f}",
         )

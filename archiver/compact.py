@@ -1,8 +1,8 @@
 """Merging many small batches into a few large ones (``archiver compact``).
 
 Small batches make small files: many S3 requests and slow readers. Compaction
-packs the small committed batches of one partition (same database, month and
-Prefect schema revision) into groups whose largest table stays under a target
+packs the small committed batches of one partition (same database, month, kind
+and Prefect schema revision) into groups whose largest table stays under a target
 size, and rewrites each group as one new batch: one file per table.
 
 Each group is a rewrite under the commit protocol (``docs/commit-protocol.md``),
@@ -157,14 +157,19 @@ def plan(manifests: list[BatchManifest], source_id: str, target_size: int) -> li
     closes before a batch would push any table's total past the target; a group
     of one batch is left as it is.
     """
-    by_partition: dict[tuple[str, str, str], list[BatchManifest]] = {}
+    by_partition: dict[tuple[str, str, str, str], list[BatchManifest]] = {}
     for manifest in sorted(manifests, key=lambda m: m.batch_id):
         largest = max((record.bytes for record in manifest.files), default=0)
         if manifest.source_id == source_id and largest < FULL_ENOUGH * target_size:
-            key = (manifest.partition, manifest.source_dialect, manifest.source_revision)
+            key = (
+                manifest.partition,
+                manifest.kind,  # run trees and sweep batches (orphans, events) stay apart
+                manifest.source_dialect,
+                manifest.source_revision,
+            )
             by_partition.setdefault(key, []).append(manifest)
     groups = []
-    for (partition, _, _), batches in sorted(by_partition.items()):
+    for (partition, *_), batches in sorted(by_partition.items()):
         for packed in _pack(batches, target_size):
             if len(packed) > 1:
                 groups.append(Group(partition, packed))
@@ -379,6 +384,7 @@ def _manifest(group: Group, source_id: str, records: list[FileRecord]) -> BatchM
         files=records,
         compacted_from=merged,
         root_rules={root: rule for batch in batches for root, rule in batch.root_rules.items()},
+        kind=first.kind,
     )
 
 

@@ -55,6 +55,7 @@ def summary_lines(report: RunReport) -> list[str]:
     )
     lines.append(f"{report.expired_roots} expired top-level runs {before}{span}")
     if report.dry_run:
+        lines += [f"sweep {label}: {count:,} rows" for label, count in report.sweep_counts.items()]
         lines.append(
             "dry run: nothing archived or deleted; set enabled = true or pass --yes to act"
         )
@@ -71,9 +72,23 @@ def summary_lines(report: RunReport) -> list[str]:
         why = {"stopped": "stop requested", "max_batches": "--max-batches reached",
                "max_runtime": "--max-runtime reached"}[report.outcome]  # fmt: skip
         lines.append(f"{why}: about {left} expired runs left for the next run")
+    lines += _sweep_lines(report)
     if report.maintenance:
         lines += _maintenance_lines(report.maintenance)
     lines.append(f"run report: _reports/{report.run_id}.json")
+    return lines
+
+
+def _sweep_lines(report: RunReport) -> list[str]:
+    lines = []
+    for kind, rows in sorted(report.swept.items()):
+        batches = sum(1 for batch in report.sweep_batches if batch.kind == kind)
+        counts = ", ".join(f"{table} {count:,}" for table, count in sorted(rows.items()))
+        lines.append(f"swept {kind}: {counts} in {batches} batches")
+    if report.repointed_collections:
+        lines.append(f"re-pointed {report.repointed_collections} artifact collections")
+    if not lines:
+        lines.append("sweeps: nothing to archive")
     return lines
 
 

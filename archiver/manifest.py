@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from archiver.errors import VerificationError
+from archiver.models import BatchKind
 
 FORMAT_VERSION = 1
 
@@ -64,6 +65,11 @@ class BatchManifest(BaseModel):
     def supersedes(self) -> set[str]:
         """Batches this one took the place of; their manifests may linger until cleaned up."""
         return set(self.compacted_from) | ({self.replaces} if self.replaces else set())
+
+    #: what selected the rows: expired run trees, or a sweep (orphans, standalone task
+    #: runs, artifact collections, events). Sweep batches have no root_ids, and
+    #: end_time_min/max span the time column the sweep selected by.
+    kind: BatchKind = "runs"
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
+
+#: What a batch archives: expired run trees, or the rows of one sweep.
+BatchKind = Literal["runs", "orphans", "standalone_tasks", "collections", "events"]
 
 
 class Kind(StrEnum):
@@ -72,3 +75,40 @@ class Root:
     end_time: datetime
     #: the retention rule that selected it (None when selected without a policy)
     rule: str | None = None
+
+
+@dataclass(frozen=True)
+class Repoint:
+    """An ``artifact_collection`` row to point at another artifact of its key.
+
+    Applied after the batch's DELETEs, in the same transaction; ``old_latest_id``
+    must still be the row's ``latest_id`` or the batch rolls back.
+    """
+
+    collection_id: str
+    old_latest_id: str
+    new_latest_id: str
+
+
+@dataclass
+class BatchContent:
+    """Everything one batch archives, whatever selected it (run trees or a sweep).
+
+    ``tables`` are written, verified and then deleted; ``references`` are
+    snapshots written beside them and never deleted. All rows fall in one
+    ``partition`` (``month=YYYY-MM``), and ``time_range`` is the span of the
+    time column that selected them (runs: ``end_time``).
+    """
+
+    kind: BatchKind
+    partition: str
+    time_range: tuple[datetime, datetime]
+    tables: dict[str, TableRows]
+    references: dict[str, TableRows] = field(default_factory=dict)
+    roots: list[Root] = field(default_factory=list)
+    skipped_roots: list[str] = field(default_factory=list)
+    repoints: list[Repoint] = field(default_factory=list)
+
+    @property
+    def row_count(self) -> int:
+        return sum(len(rows) for rows in self.tables.values())

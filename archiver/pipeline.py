@@ -21,6 +21,13 @@ for recovery, which asks the ledger what happened.
 Which roots are expired is decided by the retention policy (``archiver.policy``):
 ordered rules, the global ``retention_period`` for the runs no rule matches, and
 a legal-hold tag whose trees are never taken. The manifest names each root's rule.
+
+After the run batches, the sweeps (``archiver.sweeps``: orphans, artifact
+collections, events) go through the very same path: a sweep proposes ids from
+its keyset walk, and :meth:`_Batcher.run_selected` locks them in a batch
+transaction and commits them under the protocol above. Any batch whose
+artifacts were the latest of an ``artifact_collection`` re-points or archives
+that collection in the same transaction.
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -49,11 +57,12 @@ from archiver.errors import (
     VerificationError,
 )
 from archiver.manifest import BatchManifest, FileRecord, PendingMarker
-from archiver.models import Root, TableRows
+from archiver.models import BatchContent, Root, TableRows
 from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, RetentionPolicy, Rule
 from archiver.recovery import ensure_source, recover
 from archiver.report import write_run_report
 from archiver.source import ledger
+from archiver.source.collections import apply_repoints, plan_collections
 from archiver.source.deletion import delete_archived
 from archiver.source.engine import (
     DatabaseOptions,
@@ -62,10 +71,20 @@ from archiver.source.engine import (
     write_transaction_options,
 )
 from archiver.source.maintenance import MaintenanceReport, reclaim_space
+from archiver.source.orphans import Slice, Walker
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
 from archiver.storage import Storage, data_key, manifest_key, pending_key
+from archiver.sweeps import (
+    DEFAULT_EVENTS_RETENTION,
+    DEFAULT_SWEEPS,
+    Sweep,
+    SweepName,
+    SweepOptions,
+    count_sweeps,
+    plan_sweeps,
+)
 from archiver.verify import check_written
 from archiver.version import __version__
 
@@ -77,6 +96,9 @@ StepHook = Callable[[str, str], None]
 BatchListener = Callable[["RunReport", "BatchReport"], None]
 #: Why a run ended: nothing expired left, or a limit or a stop request came first.
 Outcome = Literal["dry_run", "done", "stopped", "max_batches", "max_runtime", "failed"]
+#: Locks and reads one batch's rows inside the batch transaction; None if none are left.
+Select = Callable[[AsyncConnection], Awaitable[BatchContent | None]]
+T = TypeVar("T")
 Role = Literal["archived", "reference"]
 STEPS = (
     "gathered", "marker", "file", "files", "verified", "deleted", "committed", "manifest", "done"
@@ -107,6 +129,10 @@ class RunOptions:
     #: trees with a flow run carrying this tag are never archived (None: no legal hold)
     legal_hold_tag: str | None = DEFAULT_LEGAL_HOLD_TAG
 
+    sweeps: tuple[SweepName, ...] = DEFAULT_SWEEPS  # run after the run batches
+    events_retention_period: timedelta = DEFAULT_EVENTS_RETENTION
+    sweep_batch_size: int = 5000  # rows of the swept table per batch
+
     @property
     def cutoff(self) -> datetime:
         return (self.now or datetime.now(UTC)) - self.retention_period
@@ -119,6 +145,16 @@ class RunOptions:
             raise ConfigError(
                 f"invalid retention policy: {exc}", hint="fix the policies in the config"
             ) from None
+
+    def sweep_options(self) -> SweepOptions:
+        now = self.now or datetime.now(UTC)
+        return SweepOptions(
+            sweeps=self.sweeps,
+            cutoff=self.cutoff,
+            events_cutoff=now - self.events_retention_period,
+            now=now,
+            batch_size=self.sweep_batch_size,
+        )
 
 
 @dataclass
@@ -133,6 +169,7 @@ class BatchReport:
     stages: dict[str, float]
     #: bytes written per table, the snapshots (flow, deployment) included
     table_bytes: dict[str, int] = field(default_factory=dict)
+    kind: str = "runs"
 
 
 @dataclass
@@ -158,6 +195,22 @@ class RunReport:
     rule_counts: list[RuleCount] = field(default_factory=list)
     #: whether retention rules beyond retention_period were in force
     policies: bool = False
+    #: batches of the sweeps (orphans, standalone task runs, collections, events)
+    sweep_batches: list[BatchReport] = field(default_factory=list)
+    #: artifact collections re-pointed to a remaining artifact (by run or sweep batches)
+    repointed_collections: int = 0
+    #: dry run: rows each sweep would take (``kind:table``)
+    sweep_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def swept(self) -> dict[str, dict[str, int]]:
+        """Rows archived by the sweeps: batch kind -> table -> rows."""
+        totals: dict[str, dict[str, int]] = {}
+        for batch in self.sweep_batches:
+            by_table = totals.setdefault(batch.kind, {})
+            for table, count in batch.rows.items():
+                by_table[table] = by_table.get(table, 0) + count
+        return totals
 
     @property
     def archived_roots(self) -> int:
@@ -243,11 +296,15 @@ async def _run(
             expired, oldest, newest = await count_expired(conn, selection.upper_cutoff, selection)
             if options.dry_run and policy.rules:
                 rule_counts = await count_by_rule(conn, policy, options.now)
+            counts = {}
+            if options.dry_run:  # a full run walks the tables instead of counting first
+                counts = await count_sweeps(conn, schema, options.sweep_options())
     except (SQLAlchemyError, OSError) as exc:
         raise translate_error(exc, url) from None
     report = RunReport(
         options.dry_run, cutoff, expired, oldest, newest, warnings=list(schema.warnings)
     )
+    report.sweep_counts = counts
     report.rule_counts, report.policies = rule_counts, bool(policy.rules)
     short = [
         rule.name
@@ -269,15 +326,18 @@ async def _run(
         report.recovered = await recover(engine, storage, source_id)
         batcher = _Batcher(engine, storage, schema, options, hook, source_id, selection)
         await _loop(batcher, watch, report)
+        await _sweep(batcher, plan_sweeps(options.sweep_options(), schema), watch, report)
     except ArchiverError as exc:
         exc.partial_report = report
         raise
     finally:
         if batcher is not None:
             report.held_roots = sorted(batcher.held_roots)
-    if options.vacuum and report.batches:
+            report.repointed_collections = batcher.repointed
+    if options.vacuum and (report.batches or report.sweep_batches):
         touched = [table for table, count in report.rows.items() if count]
-        report.maintenance = await reclaim_space(engine, touched)
+        touched += [t for tables in report.swept.values() for t, c in tables.items() if c]
+        report.maintenance = await reclaim_space(engine, sorted(set(touched)))
     return report
 
 
@@ -314,7 +374,7 @@ class _Watch:
         if self.stop.is_set():
             report.outcome = "stopped"
         elif self.options.max_batches is not None and (
-            len(report.batches) >= self.options.max_batches
+            len(report.batches) + len(report.sweep_batches) >= self.options.max_batches
         ):
             report.outcome = "max_batches"
         elif limit is not None and elapsed + self.longest_batch > limit.total_seconds():
@@ -333,6 +393,24 @@ class _Watch:
         if self.options.batch_interval:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), self.options.batch_interval)
+
+
+async def _sweep(batcher: _Batcher, sweeps: list[Sweep], watch: _Watch, report: RunReport) -> None:
+    """Each sweep walks its table once; every slice it proposes becomes one batch."""
+    for sweep in sweeps:
+        walker = batcher.walker(sweep)
+        while not watch.should_stop(report):
+            chosen = await batcher.propose(walker, batcher.options.sweep_batch_size)
+            if chosen is None:
+                break
+            batch = await batcher.run_selected(
+                partial(sweep.select, schema=batcher.schema, chosen=chosen)
+            )
+            if batch is None:
+                continue  # everything proposed was taken or changed meanwhile
+            report.sweep_batches.append(batch)
+            watch.batch_done(report, batch)
+            await watch.pause()
 
 
 class _Batcher:
@@ -356,6 +434,7 @@ class _Batcher:
         self.source_id = source_id
         self.selection = selection
         self.held_roots: set[str] = set()
+        self.repointed = 0  # artifact collections re-pointed by committed transactions
 
     async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
@@ -369,19 +448,60 @@ class _Batcher:
             wait=wait_exponential(multiplier=0.5, max=10),
             reraise=True,
         )
-        return await retrying(self._attempt, after)
+        return await retrying(self._attempt, partial(self._in_transaction, after=after))
 
-    async def _attempt(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
+    async def run_selected(self, select: Select) -> BatchReport | None:
+        """One batch of whatever ``select`` locks and returns inside the transaction.
+
+        None when it found nothing left to archive. Retried like :meth:`run_one`.
+        """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(self.options.batch_attempts),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            reraise=True,
+        )
+        return await retrying(self._attempt, partial(self._selected, select=select))
+
+    def walker(self, sweep: Sweep) -> Walker:
+        return Walker(sweep.walk, sweep.cutoff, self.options.sweep_batch_size)
+
+    async def propose(self, walker: Walker, want: int) -> Slice | None:
+        """The next ids of a sweep's walk, read outside any batch transaction."""
+        try:
+            async with self.engine.connect() as conn:
+                return await walker.next_slice(conn, want)
+        except (SQLAlchemyError, OSError) as exc:
+            raise BatchError(
+                "talking to the database", translate_error(exc, self.options.database.url)
+            ) from None
+
+    async def _attempt(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         try:
             async with self.engine.connect() as conn:
                 await write_transaction_options(conn)
-                return await self._in_transaction(conn, after)
+                return await work(conn)
         except ArchiverError:
             raise
         except (SQLAlchemyError, OSError) as exc:
             raise BatchError(
                 "talking to the database", translate_error(exc, self.options.database.url)
             ) from None
+
+    async def _selected(self, conn: AsyncConnection, select: Select) -> BatchReport | None:
+        clock = _Stopwatch()
+        transaction = await conn.begin()
+        content = await select(conn)
+        clock.lap("select")
+        if content is None or not (content.row_count or content.repoints):
+            await transaction.rollback()
+            return None
+        if not content.row_count:  # only collections to re-point: nothing to archive
+            await apply_repoints(conn, content.repoints)
+            await self._commit(transaction, "re-pointing artifact collections")
+            self.repointed += len(content.repoints)
+            return None
+        return await self._archive(conn, transaction, content, clock)
 
     async def _in_transaction(
         self, conn: AsyncConnection, after: Root | None
@@ -405,12 +525,21 @@ class _Batcher:
         if not gathered.roots:
             await transaction.rollback()
             return last, None
-        batch = _PlannedBatch(gathered, self.schema, self.options, self.source_id)
+        content = _run_content(gathered)
+        return last, await self._archive(conn, transaction, content, clock)
+
+    async def _archive(
+        self, conn: AsyncConnection, transaction: Any, content: BatchContent, clock: _Stopwatch
+    ) -> BatchReport:
+        """The commit protocol for one batch whose rows ``conn`` has locked."""
+        await self._follow_collections(conn, content)
+        batch = _PlannedBatch(content, self.schema, self.options, self.source_id)
         await ledger.hold_batch_lock(conn, batch.batch_id)
         self.hook("gathered", batch.batch_id)
         try:
             records = await self._write_and_verify(batch, clock)
             await delete_archived(conn, batch.ids_by_table())
+            await apply_repoints(conn, content.repoints)
             self.hook("deleted", batch.batch_id)
             manifest = batch.manifest(records)
             await ledger.record_commit(conn, batch.batch_id, manifest.to_json())
@@ -418,12 +547,24 @@ class _Batcher:
         except BaseException as exc:
             await self._abandon(transaction, batch)
             raise _batch_error(exc, self.options.database.url) from exc
-        await self._commit(transaction, batch)
+        await self._commit(transaction, f"batch {batch.batch_id}")
+        self.repointed += len(content.repoints)
+        self.hook("committed", batch.batch_id)
         clock.lap("commit")
         await self._publish(manifest)
         clock.lap("manifest")
         self.hook("done", batch.batch_id)
-        return last, batch.report(manifest, clock)
+        return batch.report(manifest, clock)
+
+    async def _follow_collections(self, conn: AsyncConnection, content: BatchContent) -> None:
+        """Collections whose latest artifact leaves: archive them too, or re-point them."""
+        artifacts = content.tables.get("artifact")
+        if artifacts is None or "artifact_collection" not in self.schema.tables:
+            return
+        archived, repoints = await plan_collections(conn, self.schema, artifacts)
+        if len(archived):
+            content.tables["artifact_collection"] = archived
+        content.repoints.extend(repoints)
 
     async def _write_and_verify(self, batch: _PlannedBatch, clock: _Stopwatch) -> list[FileRecord]:
         encoded = await asyncio.to_thread(batch.encode)
@@ -468,17 +609,16 @@ class _Batcher:
         with contextlib.suppress(SQLAlchemyError, OSError):
             await transaction.rollback()  # a dead connection has rolled back already
 
-    async def _commit(self, transaction: Any, batch: _PlannedBatch) -> None:
+    async def _commit(self, transaction: Any, what: str) -> None:
         try:
             await transaction.commit()
         except (SQLAlchemyError, OSError) as exc:
             raise DatabaseError(
-                f"COMMIT of batch {batch.batch_id} failed and may or may not have happened "
+                f"COMMIT of {what} failed and may or may not have happened "
                 f"({translate_error(exc, self.options.database.url).message}); its files stay "
                 "until recovery asks the ledger",
                 hint="run `archiver recover` or `archiver run` again",
             ) from None
-        self.hook("committed", batch.batch_id)
 
     async def _publish(self, manifest: BatchManifest) -> None:
         """Write the manifest of a committed batch; on failure, recovery writes it later."""
@@ -499,21 +639,19 @@ class _PlannedBatch:
     """The rows of one batch and the names they will be written under."""
 
     def __init__(
-        self, gathered: Gathered, schema: PrefectSchema, options: RunOptions, source_id: str
+        self, content: BatchContent, schema: PrefectSchema, options: RunOptions, source_id: str
     ) -> None:
-        self.gathered = gathered
+        self.content = content
         self.schema = schema
         self.options = options
         self.source_id = source_id
         self.created_at = datetime.now(UTC)
         # Sortable by time, and unique: two attempts at the same runs never share a name.
         self.batch_id = _time_sortable_id(self.created_at)
-        months = {f"{root.end_time.astimezone(UTC):%Y-%m}" for root in gathered.roots}
-        assert len(months) == 1, "lock_roots returns roots of one month"
-        self.partition = f"month={months.pop()}"
+        self.partition = content.partition
         tables: list[tuple[TableRows, Role]] = [
-            *((rows, "archived") for rows in gathered.tables.values()),
-            *((rows, "reference") for rows in gathered.references.values()),
+            *((rows, "archived") for rows in content.tables.values()),
+            *((rows, "reference") for rows in content.references.values()),
         ]
         self.files = {
             data_key(rows.shape.name, self.partition, self.batch_id): (rows, role)
@@ -525,7 +663,7 @@ class _PlannedBatch:
         return list(self.files)
 
     def ids_by_table(self) -> dict[str, list[str]]:
-        return {table: rows.ids for table, rows in self.gathered.tables.items()}
+        return {table: rows.ids for table, rows in self.content.tables.items()}
 
     def encode(self) -> dict[str, tuple[TableRows, Role, codec.EncodedFile]]:
         encoded = {}
@@ -533,6 +671,7 @@ class _PlannedBatch:
             metadata = {
                 "archiver.table": rows.shape.name,
                 "archiver.role": role,
+                "archiver.kind": self.content.kind,
                 "archiver.batch_id": self.batch_id,
                 "archiver.partition": self.partition,
                 "archiver.source_dialect": self.schema.dialect,
@@ -544,7 +683,7 @@ class _PlannedBatch:
         return encoded
 
     def manifest(self, records: list[FileRecord]) -> BatchManifest:
-        end_times = [root.end_time for root in self.gathered.roots]
+        oldest, newest = self.content.time_range
         return BatchManifest(
             batch_id=self.batch_id,
             source_id=self.source_id,
@@ -554,25 +693,43 @@ class _PlannedBatch:
             source_dialect=self.schema.dialect,
             source_revision=self.schema.revision,
             archiver_version=__version__,
-            root_ids=sorted(root.id for root in self.gathered.roots),
-            root_rules={root.id: root.rule for root in self.gathered.roots if root.rule},
-            end_time_min=min(end_times),
-            end_time_max=max(end_times),
+            root_ids=sorted(root.id for root in self.content.roots),
+            root_rules={root.id: root.rule for root in self.content.roots if root.rule},
+            end_time_min=oldest,
+            end_time_max=newest,
             files=records,
+            kind=self.content.kind,
         )
 
     def report(self, manifest: BatchManifest, clock: _Stopwatch) -> BatchReport:
         return BatchReport(
             batch_id=self.batch_id,
             partition=self.partition,
-            roots=len(self.gathered.roots),
-            skipped_roots=self.gathered.skipped_roots,
-            rows={table: len(rows) for table, rows in self.gathered.tables.items()},
+            roots=len(self.content.roots),
+            skipped_roots=self.content.skipped_roots,
+            rows={table: len(rows) for table, rows in self.content.tables.items()},
             bytes=sum(f.bytes for f in manifest.files),
             seconds=clock.total(),
             stages=clock.laps,
             table_bytes={f.table: f.bytes for f in manifest.files},
+            kind=self.content.kind,
         )
+
+
+def _run_content(gathered: Gathered) -> BatchContent:
+    """A batch of expired run trees: one month of roots (lock_roots guarantees it)."""
+    months = {f"{root.end_time.astimezone(UTC):%Y-%m}" for root in gathered.roots}
+    assert len(months) == 1, "lock_roots returns roots of one month"
+    end_times = [root.end_time for root in gathered.roots]
+    return BatchContent(
+        kind="runs",
+        partition=f"month={months.pop()}",
+        time_range=(min(end_times), max(end_times)),
+        tables=dict(gathered.tables),
+        references=gathered.references,
+        roots=gathered.roots,
+        skipped_roots=gathered.skipped_roots,
+    )
 
 
 class _Stopwatch:

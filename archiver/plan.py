@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +47,7 @@ from archiver.source.maintenance import sqlite_journal_warning
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema, inspect_schema
 from archiver.source.selection import count_expired, count_trees, gather, lock_roots
+from archiver.sweeps import count_sweeps
 from archiver.version import __version__
 
 
@@ -130,6 +131,7 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
     if journal:
         result.warnings.append(journal)
     await _walk(conn, schema, options, selection, result)
+    result.sweeps = await count_sweeps(conn, schema, replace(options, now=now).sweep_options())
     return result
 
 

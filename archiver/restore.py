@@ -9,6 +9,12 @@ Rows that already exist are skipped (``ON CONFLICT DO NOTHING``) or, with
 ``on_conflict="error"``, refused before anything is written. One transaction:
 a failed restore writes nothing.
 
+Sweep batches (orphans, standalone task runs, collections, events) are
+restored whole, and only when named with ``--batch``. Artifact collections are
+never copied back blindly: after the artifacts are in, each of their keys gets
+its collection pointed at the newest artifact with that key (created, with the
+archived row's id, if the key has none), as Prefect itself would.
+
 Columns are matched by name against the target's reflected columns: a column
 the target lacks is reported and left out; a column the archive lacks takes the
 target's default. Restored runs can be archived again later; they get new batch
@@ -25,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -35,6 +42,7 @@ from archiver.manifest import BatchManifest
 from archiver.models import Kind, TableShape
 from archiver.rewrite import Rewrite, abandon_rewrite, finish_rewrite, plan_rewrite, write_rewrite
 from archiver.source import ledger
+from archiver.source.collections import reconcile_keys
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -55,6 +63,8 @@ INSERT_ORDER = (
     "flow_run_input",
     "log",
     "task_run_state_cache",
+    "events",
+    "event_resources",
 )
 _DEFERRED_LINKS = ("state_id", "parent_task_run_id")  # flow_run columns set after states
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -101,7 +111,9 @@ async def restore(
     options = await asyncio.to_thread(_through_compactions, storage, options)
     manifests = await asyncio.to_thread(_select_batches, storage, options)
     batches = await asyncio.to_thread(_read_batches, storage, manifests)
-    tables = _within_trees(_concat(batches.values()), options)
+    runs = [batches[m.batch_id] for m in manifests if m.kind == "runs"]
+    swept = [batches[m.batch_id] for m in manifests if m.kind != "runs"]
+    tables = _with_swept(_within_trees(_concat(runs), options) if runs else {}, _concat(swept))
     report = RestoreReport(options.dry_run, [m.batch_id for m in manifests])
     report.runs = sum(1 for run in tables["flow_run"].to_pylist() if not run["parent_task_run_id"])
     engine = create_engine(options.database)
@@ -226,6 +238,8 @@ def _select_batches(storage: Storage, options: RestoreOptions) -> list[BatchMani
             continue
         if wanted_runs and not wanted_runs & set(manifest.root_ids):
             continue
+        if manifest.kind != "runs" and manifest.batch_id not in options.batch_ids:
+            continue  # sweep rows come back only when their batch is named
         chosen.append(manifest)
     missing = wanted_runs - {root for m in chosen for root in m.root_ids}
     if missing:
@@ -264,6 +278,7 @@ def _concat(batches: Iterable[dict[str, pa.Table]]) -> dict[str, pa.Table]:
 def _within_trees(tables: dict[str, pa.Table], options: RestoreOptions) -> dict[str, pa.Table]:
     """Keep only the rows of the selected runs' trees (all rows when none are named)."""
     empty = pa.table({"id": pa.array([], pa.string())})
+    collections = tables.get("artifact_collection")
     tables = {name: tables.get(name, empty) for name in (*INSERT_ORDER, "flow")}
     runs = tables["flow_run"].to_pylist()
     roots = {r["id"] for r in runs if not r["parent_task_run_id"]}
@@ -285,7 +300,22 @@ def _within_trees(tables: dict[str, pa.Table], options: RestoreOptions) -> dict[
         tables[name] = _filter(tables[name], column, ids)
     for name in ("log", "artifact"):
         tables[name] = _rows_of_runs(tables[name], run_ids, task_ids)
+    if collections is not None and tables["artifact"].num_rows:
+        artifact_ids = set(tables["artifact"].column("id").to_pylist())
+        tables["artifact_collection"] = _filter(collections, "latest_id", artifact_ids)
     return tables
+
+
+def _with_swept(tables: dict[str, pa.Table], swept: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """Add the rows of sweep batches (restored whole) to the rows of run trees."""
+    empty = pa.table({"id": pa.array([], pa.string())})
+    merged = {name: tables.get(name, empty) for name in (*INSERT_ORDER, "flow")} | tables
+    for name, rows in swept.items():
+        if name in merged and merged[name].num_rows:
+            merged[name] = pa.concat_tables([merged[name], rows], promote_options="permissive")
+        else:
+            merged[name] = rows
+    return merged
 
 
 def _ended_within(run: dict[str, Any], options: RestoreOptions) -> bool:
@@ -345,6 +375,32 @@ async def _restore(
         held_back = _DEFERRED_LINKS if name == "flow_run" else ()
         await writer.insert(name, tables[name], held_back)
     await writer.link_flow_runs(tables["flow_run"])
+    if "artifact_collection" in schema.tables:
+        tables["artifact_collection"] = await _reconcile_collections(conn, tables, report)
+
+
+async def _reconcile_collections(
+    conn: AsyncConnection, tables: dict[str, pa.Table], report: RestoreReport
+) -> pa.Table:
+    """Point the restored artifacts' collections at the newest artifact of each key.
+
+    Returns the archived collection rows that are accounted for (their key has a
+    collection again), which leave the archive with the restore.
+    """
+    archived = tables.get("artifact_collection")
+    wanted: dict[str, str | None] = {}
+    if archived is not None and archived.num_rows:
+        wanted = {r["key"]: r["id"] for r in archived.select(["key", "id"]).to_pylist()}
+    artifacts = tables["artifact"]
+    if artifacts.num_rows and "key" in artifacts.column_names:
+        for key in artifacts.column("key").to_pylist():
+            if key is not None:
+                wanted.setdefault(key, None)
+    changed, settled = await reconcile_keys(conn, wanted)
+    report.inserted["artifact_collection"] = changed
+    if archived is None or not archived.num_rows:
+        return pa.table({"id": pa.array([], pa.string())})
+    return archived.filter(pc.is_in(archived["key"], value_set=pa.array(sorted(settled))))
 
 
 class _Writer:
@@ -387,6 +443,8 @@ class _Writer:
 
     async def ensure_flows(self, flows: pa.Table, runs: pa.Table) -> None:
         """flow_run.flow_id must exist: put back archived flow rows that are gone."""
+        if runs.num_rows == 0:
+            return
         needed = {r["flow_id"] for r in runs.select(["flow_id"]).to_pylist()}
         snapshot = _filter(_latest_by_id(flows), "id", needed) if flows.num_rows else flows
         missing = needed - await self.existing_ids("flow", sorted(needed))

@@ -41,6 +41,9 @@ def run_options(settings: Settings, *, dry_run: bool | None = None) -> RunOption
         vacuum=settings.vacuum,
         policies=tuple(settings.policies),
         legal_hold_tag=settings.legal_hold_tag or None,
+        sweeps=tuple(settings.sweeps),
+        events_retention_period=settings.events_retention_period,
+        sweep_batch_size=settings.sweep_batch_size,
     )
 
 

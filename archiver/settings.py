@@ -26,6 +26,11 @@ from archiver.errors import ConfigError
 from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, Rule, validate_rules
 
 MIN_RETENTION = timedelta(hours=1)
+SweepSetting = Literal["orphans", "collections", "events"]
+
+
+def _default_sweeps() -> list[SweepSetting]:
+    return ["orphans", "collections"]  # events are opt-in
 
 
 def prefect_home() -> Path:
@@ -108,7 +113,21 @@ class Settings(BaseSettings):
     def _rules_can_match(cls, value: list[Rule]) -> list[Rule]:
         return list(validate_rules(value))
 
-    @field_validator("retention_period")
+    sweeps: list[SweepSetting] = Field(
+        default_factory=_default_sweeps,
+        description="Sweeps run after the run batches: orphans (logs, artifacts and standalone "
+        "task runs of no existing run), collections (artifact collections whose latest "
+        "artifact is gone), events (opt-in: events older than events_retention_period).",
+    )
+    events_retention_period: timedelta = Field(
+        default=timedelta(days=7),
+        description="The events sweep archives events that occurred longer ago than this.",
+    )
+    sweep_batch_size: int = Field(
+        default=5000, ge=100, le=50_000, description="Rows of the swept table per sweep batch."
+    )
+
+    @field_validator("retention_period", "events_retention_period")
     @classmethod
     def _at_least_an_hour(cls, value: timedelta) -> timedelta:
         if value < MIN_RETENTION:

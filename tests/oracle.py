@@ -146,17 +146,21 @@ def committed_ids(db: Any, storage: Any) -> dict[str, list[str]]:
             if record["role"] != "archived":
                 continue
             with fs.open(f"{storage.root}/{record['key']}", "rb") as handle:
-                found[record["table"]] += pq.read_table(handle, columns=["id"])["id"].to_pylist()
+                ids = pq.read_table(handle, columns=["id"])["id"].to_pylist()
+                found.setdefault(record["table"], []).extend(ids)
     return found
 
 
 def assert_nothing_lost(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
-    """Every row that existed before is in the database or in a committed batch, once."""
+    """Every row that existed before is in the database or in a committed batch, once.
+
+    Checks the tables ``before`` names (the run tables, and sweep tables if given).
+    """
     archived = committed_ids(db, storage)
-    for table in RUN_TABLES:
+    for table in before:
         in_db = db.ids(table)
         counts: dict[str, int] = {}
-        for row_id in archived[table]:
+        for row_id in archived.get(table, []):
             counts[row_id] = counts.get(row_id, 0) + 1
         assert all(n == 1 for n in counts.values()), f"{table}: a row archived twice"
         lost = before[table] - in_db - set(counts)

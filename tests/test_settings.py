@@ -53,6 +53,9 @@ def test_retention_accepts_seconds_and_iso_8601(value: object) -> None:
         ({"retention_period": "PT59M"}, "must be at least 1 hour"),
         ({"batch_size": 5000}, "invalid setting batch_size"),
         ({"compression": "zip"}, "invalid setting compression"),
+        ({"events_retention_period": "PT30M"}, "invalid setting events_retention_period"),
+        ({"sweeps": ["orphans", "logs"]}, "invalid setting sweeps.1"),
+        ({"sweep_batch_size": 10}, "invalid setting sweep_batch_size"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides: dict[str, object], message: str) -> None:
@@ -77,3 +80,11 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     broken.write_text("batch_size = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(broken)
+
+
+def test_sweeps_default_to_orphans_and_collections_and_read_json_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().sweeps == ["orphans", "collections"]
+    monkeypatch.setenv("ARCHIVER_SWEEPS", '["events"]')
+    assert load_settings().sweeps == ["events"]

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.errors import ConcurrentChange
-from archiver.source.schema import TREE_TABLES
+from archiver.source.schema import DELETE_ORDER
 from archiver.source.selection import CHUNK
 
 
@@ -24,11 +24,11 @@ class DeleteMismatch(ConcurrentChange):
 
 
 async def delete_archived(conn: AsyncConnection, ids_by_table: Mapping[str, Sequence[str]]) -> None:
-    """Delete the given ids from each tree table in dependency order; check every count."""
-    unknown = set(ids_by_table) - set(TREE_TABLES)
+    """Delete the given ids from each table in dependency order; check every count."""
+    unknown = set(ids_by_table) - set(DELETE_ORDER)
     if unknown:
-        raise ValueError(f"not tree tables: {sorted(unknown)}")
-    for table in TREE_TABLES:
+        raise ValueError(f"not archived tables: {sorted(unknown)}")
+    for table in DELETE_ORDER:
         ids = list(ids_by_table.get(table, ()))
         removed = await _delete_ids(conn, table, ids)
         if removed != len(ids):

@@ -34,6 +34,10 @@ TREE_TABLES = (
 )
 #: Rows the runs name, copied into each batch but never deleted.
 REFERENCE_TABLES = ("flow", "deployment")
+#: Tables only sweeps archive (no foreign keys; reflected when present).
+SWEEP_TABLES = ("event_resources", "events", "artifact_collection")
+#: Every table archiver deletes from, children before parents.
+DELETE_ORDER = (*SWEEP_TABLES, *TREE_TABLES)
 
 #: Every enforced foreign key into a run table that archiver accounts for
 #: (child table, child column). Anything else referencing these tables is unknown.
@@ -183,7 +187,8 @@ def _reflect(sync: Connection) -> tuple[dict[str, TableShape], list[IndexSpec]]:
     dialect = sync.dialect.name
     tables = {
         name: TableShape(name, tuple(_column(col, dialect) for col in inspector.get_columns(name)))
-        for name in TREE_TABLES + REFERENCE_TABLES
+        for name in TREE_TABLES + REFERENCE_TABLES + SWEEP_TABLES
+        if name in existing
     }
     return tables, missing_indexes(inspector)
 
@@ -218,6 +223,18 @@ def _leading_columns(inspector: Any, table: str) -> set[str]:
         column_lists += [uq["column_names"] for uq in inspector.get_unique_constraints(table)]
         column_lists.append(inspector.get_pk_constraint(table).get("constrained_columns") or [])
     return {columns[0] for columns in column_lists if columns and columns[0]}
+
+
+def select_column(dialect: str, column: Column) -> str:
+    """A column as archiver reads it: JSON and UUIDs as text on PostgreSQL.
+
+    asyncpg via SQLAlchemy decodes json, which would turn JSON null into SQL NULL;
+    text keeps the document exactly.
+    """
+    quoted = f'"{column.name}"'
+    if dialect == "postgresql" and column.kind in (Kind.JSON, Kind.UUID):
+        return f"CAST({quoted} AS text) AS {quoted}"
+    return quoted
 
 
 def _column(col: Any, dialect: str) -> Column:
