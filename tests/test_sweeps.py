@@ -361,12 +361,18 @@ def test_cli_reports_sweeps_in_dry_run_and_after_a_run(
         retention_period="P30D", batch_interval=0, sweeps=["orphans", "collections", "events"],
     )  # fmt: skip
 
+    planned = CliRunner().invoke(app, ["plan", "--json", "--config", str(config)])
     dry = CliRunner().invoke(app, ["run", "--config", str(config)])
     done = CliRunner().invoke(app, ["run", "--yes", "--config", str(config)])
     listed = CliRunner().invoke(app, ["ls", "--config", str(config)])
 
-    assert dry.exit_code == 0 and "sweep orphans:log: 6 rows" in dry.stdout, dry.output
+    # stdout is not a terminal: JSON lines there, the human summary on stderr
+    assert dry.exit_code == 0 and "sweep orphans:log: 6 rows" in dry.stderr, dry.output
     assert done.exit_code == 0, done.output
-    assert "swept orphans: artifact 2, artifact_collection 1, log 6 in 2 batches" in done.stdout
-    assert "re-pointed 1 artifact collections" in done.stdout
+    assert "swept orphans: artifact 2, artifact_collection 1, log 6 in 2 batches" in done.stderr
+    assert "re-pointed 1 artifact collections" in done.stderr
+    assert json.loads(planned.stdout)["sweeps"]["orphans:log"] == 6, planned.output
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["swept"]["orphans"] == {"artifact": 2, "artifact_collection": 1, "log": 6}
+    assert report["repointed_collections"] == 1
     assert "(orphans)" in listed.stdout
