@@ -23,10 +23,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
+import pyarrow as pa
 from sqlalchemy import bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from archiver import codec
 from archiver.errors import ConcurrentChange
 from archiver.models import Column, Kind, Root, TableRows, TableShape
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema
@@ -146,7 +150,9 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
     changed = _roots_with_live_runs(flow_runs, tree)
     if changed:
         skipped |= changed
-        flow_runs.rows = [row for row in flow_runs.rows if tree[_id(row)] not in changed]
+        flow_runs = flow_runs.take(
+            [i for i, run_id in enumerate(flow_runs.ids) if tree[run_id] not in changed]
+        )
     run_ids = flow_runs.ids
     task_runs = await reader.rows("task_run", "flow_run_id", run_ids, lock=True)
     task_ids = task_runs.ids
@@ -192,18 +198,29 @@ async def gather(conn: AsyncConnection, schema: PrefectSchema, roots: Sequence[R
     return Gathered(kept_roots, sorted(skipped), tables, references)
 
 
-def _id(row: Sequence[Any]) -> str:
-    return str(row[0])
-
-
 def _roots_with_live_runs(flow_runs: TableRows, tree: dict[str, str]) -> set[str]:
-    state_index = flow_runs.shape.column_names.index("state_type")
-    return {tree[_id(row)] for row in flow_runs.rows if row[state_index] not in TERMINAL_STATES}
+    states = flow_runs.column("state_type")
+    return {
+        tree[run_id]
+        for run_id, state in zip(flow_runs.ids, states, strict=True)
+        if state not in TERMINAL_STATES
+    }
 
 
 def _column_values(rows: TableRows, column: str) -> set[str]:
-    index = rows.shape.column_names.index(column)
-    return {str(row[index]) for row in rows.rows if row[index] is not None}
+    return {str(value) for value in rows.column(column) if value is not None}
+
+
+def _uuid_array(ids: Sequence[str]) -> str:
+    """A ``uuid[]`` literal; raises ValueError unless every id is a UUID (nothing else inlined)."""
+    return "'{" + ",".join(str(UUID(str(value))) for value in ids) + "}'::uuid[]"
+
+
+def _as_rows(part: TableRows) -> list[tuple[Any, ...]]:
+    if part.table is None:
+        return part.rows
+    columns = [part.table.column(i).to_pylist() for i in range(part.table.num_columns)]
+    return list(zip(*columns, strict=True))
 
 
 class _Reader:
@@ -214,6 +231,8 @@ class _Reader:
         self.schema = schema
         self.dialect = conn.dialect.name
         self.quote = conn.dialect.identifier_preparer.quote
+        self.column_wise = True
+        self._asyncpg: Any = None
 
     def _in(self, column: str) -> str:
         if self.dialect == "postgresql":
@@ -280,6 +299,11 @@ class _Reader:
         extra: str = "",
     ) -> TableRows:
         shape = self.schema.shape(table)
+        if self.dialect == "postgresql" and self.column_wise:
+            try:
+                return await self._copy_rows(shape, column, ids, lock=lock, extra=extra)
+            except pa.ArrowInvalid:
+                self.column_wise = False  # a value COPY's text cannot carry: read rows
         found = TableRows(shape)
         suffix = " FOR UPDATE" if lock and self.dialect == "postgresql" else ""
         where = f"{self._in(column)}{extra}"
@@ -289,16 +313,68 @@ class _Reader:
             found.rows.extend(tuple(row) for row in result.all())
         return found
 
+    async def _copy_rows(
+        self, shape: TableShape, column: str, ids: Sequence[str], *, lock: bool, extra: str
+    ) -> TableRows:
+        """PostgreSQL: ``COPY (SELECT ...) TO STDOUT`` as CSV, parsed column-wise into Arrow.
+
+        The same connection and transaction as every other statement of the batch,
+        so the rows are read under the batch's locks. COPY takes no parameters; the
+        ids are inlined as one uuid[] literal after being checked to be UUIDs.
+        """
+        driver = await self._driver()
+        chunks: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            chunks.append(data)
+
+        suffix = " FOR UPDATE" if lock else ""
+        select = ", ".join(self._copy_column(c) for c in shape.columns)
+        for chunk in self._chunks(ids):
+            where = f"{self.quote(column)} = ANY({_uuid_array(chunk)}){extra}"
+            sql = f"SELECT {select} FROM {shape.name} WHERE {where}{suffix}"
+            try:
+                await driver.copy_from_query(sql, output=sink, format="csv", force_quote=True)
+            except Exception as exc:  # asyncpg's own errors: wrap them as SQLAlchemy would
+                raise DBAPIError(f"COPY ({sql[:200]}...)", None, exc) from exc
+        return TableRows(shape, table=codec.from_csv(b"".join(chunks), shape))
+
+    async def _driver(self) -> Any:
+        """The asyncpg connection under the SQLAlchemy one, with ISO UTC text output."""
+        if self._asyncpg is None:
+            raw = await self.conn.get_raw_connection()
+            self._asyncpg = raw.driver_connection
+            # Only until the batch's transaction ends; binary reads are unaffected.
+            await self.conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
+            await self.conn.execute(text("SET LOCAL DateStyle = 'ISO'"))
+        return self._asyncpg
+
+    def _copy_column(self, column: Column) -> str:
+        name = self.quote(column.name)
+        if column.kind is Kind.INTERVAL:
+            return f"(extract(epoch FROM {name}) * 1000000)::int8 AS {name}"
+        return name
+
     async def rows_by_any(
         self, table: str, lookups: list[tuple[str, Sequence[str], str]], *, lock: bool = False
     ) -> TableRows:
         """Rows matching any of several indexed lookups, each row once (no OR scans)."""
-        by_id: dict[str, tuple[Any, ...]] = {}
-        id_index = self.schema.shape(table).id_index
-        for column, ids, extra in lookups:
-            for row in (await self.rows(table, column, ids, lock=lock, extra=extra)).rows:
-                by_id.setdefault(str(row[id_index]), row)
-        return TableRows(self.schema.shape(table), list(by_id.values()))
+        parts = [
+            await self.rows(table, column, ids, lock=lock, extra=extra)
+            for column, ids, extra in lookups
+        ]
+        shape = self.schema.shape(table)
+        if all(part.table is not None for part in parts):
+            combined = TableRows(shape, table=pa.concat_tables([part.table for part in parts]))
+        else:
+            rows = [row for part in parts for row in _as_rows(part)]
+            combined = TableRows(shape, rows)
+        first: dict[str, int] = {}
+        for index, row_id in enumerate(combined.ids):
+            first.setdefault(row_id, index)
+        if len(first) == len(combined):
+            return combined
+        return combined.take(list(first.values()))
 
     def _columns(self, shape: TableShape) -> str:
         return ", ".join(self._column(column) for column in shape.columns)
