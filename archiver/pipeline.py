@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -62,6 +62,7 @@ from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
 StepHook = Callable[[str, str], None]
+T = TypeVar("T")
 Role = Literal["archived", "reference"]
 STEPS = (
     "gathered", "marker", "file", "files", "verified", "deleted", "committed", "manifest", "done"
@@ -83,6 +84,7 @@ class RunOptions:
     batch_attempts: int = 3  # tries per batch when it fails for a transient reason
     dry_run: bool = True
     now: datetime | None = None  # the clock, for tests; default: the current UTC time
+    overlap: bool = True  # PostgreSQL: read the next batch while this one writes and deletes
 
     @property
     def cutoff(self) -> datetime:
@@ -177,11 +179,14 @@ async def _run(
         return report
     source_id = await ensure_source(engine)
     report.recovered = await recover(engine, storage, source_id)
+    batcher = _Batcher(engine, storage, schema, options, hook, source_id)
     try:
-        await _loop(_Batcher(engine, storage, schema, options, hook, source_id), options, report)
+        await _loop(batcher, options, report)
     except ArchiverError as exc:
         exc.partial_report = report
         raise
+    finally:
+        await batcher.close()
     return report
 
 
@@ -218,6 +223,9 @@ class _Batcher:
         self.options = options
         self.hook = hook
         self.source_id = source_id
+        # PostgreSQL only: SQLite has one writer, so a second batch's BEGIN IMMEDIATE would wait.
+        self.overlap = options.overlap and engine.dialect.name == "postgresql"
+        self._next: tuple[Root | None, asyncio.Task[_Prepared | _Outcome]] | None = None
 
     async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
@@ -235,9 +243,14 @@ class _Batcher:
 
     async def _attempt(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         try:
-            async with self.engine.connect() as conn:
-                await write_transaction_options(conn)
-                return await self._in_transaction(conn, after)
+            prepared = await self._prefetched(after)
+            if prepared is False:
+                prepared = await self._prepare(after)
+            if isinstance(prepared, _Prepared):
+                if self.overlap:
+                    self._next = (prepared.last, asyncio.create_task(self._prepare(prepared.last)))
+                return await self._finish(prepared)
+            return prepared
         except ArchiverError:
             raise
         except (SQLAlchemyError, OSError) as exc:
@@ -245,26 +258,79 @@ class _Batcher:
                 "talking to the database", translate_error(exc, self.options.database.url)
             ) from None
 
-    async def _in_transaction(
-        self, conn: AsyncConnection, after: Root | None
-    ) -> tuple[Root, BatchReport | None] | None:
+    async def close(self) -> None:
+        """Roll back a batch read ahead that will not be finished. Idempotent."""
+        if self._next is not None:
+            task = self._next[1]
+            self._next = None
+            with contextlib.suppress(Exception):
+                prepared = await task
+                if isinstance(prepared, _Prepared):
+                    await prepared.release()
+
+    async def _prefetched(self, after: Root | None) -> _Prepared | _Outcome | Literal[False]:
+        """The batch read ahead for ``after``, if any (False if none). Raises what it raised."""
+        if self._next is None:
+            return False
+        if self._next[0] != after:  # a retried batch moved the keyset: start afresh
+            await self.close()
+            return False
+        task = self._next[1]
+        self._next = None
+        return await task
+
+    async def _prepare(self, after: Root | None) -> _Prepared | _Outcome:
+        """Open a transaction, lock and read the batch after ``after`` and encode it.
+
+        On PostgreSQL this runs for the next batch while the current one uploads,
+        verifies and deletes on its own connection (its roots come after the
+        current batch's last root, so the two never share a row). Nothing is
+        written to storage here, so a crash leaves nothing to recover.
+        """
         clock = _Stopwatch()
-        transaction = await conn.begin()
-        roots = await lock_roots(conn, self.options.cutoff, self.options.batch_size, after)
-        if not roots:
-            await transaction.rollback()
-            return None
-        last = roots[-1]
-        gathered = await gather(conn, self.schema, roots)
-        clock.lap("select")
-        if not gathered.roots:
-            await transaction.rollback()
-            return last, None
-        batch = _PlannedBatch(gathered, self.schema, self.options, self.source_id)
-        await ledger.hold_batch_lock(conn, batch.batch_id)
-        self.hook("gathered", batch.batch_id)
+        conn = await self.engine.connect()
+        transaction = None
         try:
-            records = await self._write_and_verify(batch, clock)
+            await write_transaction_options(conn)
+            transaction = await conn.begin()
+            roots = await lock_roots(conn, self.options.cutoff, self.options.batch_size, after)
+            if not roots:
+                await _release(conn, transaction)
+                return None
+            gathered = await gather(conn, self.schema, roots)
+            clock.lap("select")
+            if not gathered.roots:
+                await _release(conn, transaction)
+                return roots[-1], None
+            batch = _PlannedBatch(gathered, self.schema, self.options, self.source_id)
+            await ledger.hold_batch_lock(conn, batch.batch_id)
+        except BaseException:
+            await _release(conn, transaction)
+            raise
+        prepared = _Prepared(conn, transaction, roots[-1], batch, clock)
+        try:
+            self.hook("gathered", batch.batch_id)
+            prepared.encoded = await asyncio.to_thread(batch.encode)
+            clock.lap("encode")
+        except BaseException as exc:
+            await prepared.release()
+            raise _batch_error(exc, self.options.database.url) from exc
+        return prepared
+
+    async def _finish(self, prepared: _Prepared) -> tuple[Root, BatchReport | None]:
+        """Write, verify, delete and commit a prepared batch, then release its connection."""
+        try:
+            return await self._in_transaction(prepared)
+        finally:
+            await _release(prepared.conn, None)
+
+    async def _in_transaction(self, prepared: _Prepared) -> tuple[Root, BatchReport | None]:
+        conn, transaction, batch, clock = (
+            prepared.conn, prepared.transaction, prepared.batch, prepared.clock
+        )  # fmt: skip
+        clock.resume()  # time spent waiting for the previous batch is not this batch's
+        try:
+            records = await self._write_and_verify(batch, prepared.encoded, clock)
             await delete_archived(conn, batch.ids_by_table())
             self.hook("deleted", batch.batch_id)
             manifest = batch.manifest(records)
@@ -278,11 +344,11 @@ class _Batcher:
         await self._publish(manifest)
         clock.lap("manifest")
         self.hook("done", batch.batch_id)
-        return last, batch.report(manifest, clock)
+        return prepared.last, batch.report(manifest, clock)
 
-    async def _write_and_verify(self, batch: _PlannedBatch, clock: _Stopwatch) -> list[FileRecord]:
-        encoded = await asyncio.to_thread(batch.encode)
-        clock.lap("encode")
+    async def _write_and_verify(
+        self, batch: _PlannedBatch, encoded: _Encoded, clock: _Stopwatch
+    ) -> list[FileRecord]:
         marker = PendingMarker(
             batch_id=batch.batch_id,
             source_id=self.source_id,
@@ -293,17 +359,15 @@ class _Batcher:
             self.storage.put, pending_key(batch.batch_id), marker.to_json().encode()
         )
         self.hook("marker", batch.batch_id)
-        for key, (_, _, file) in encoded.items():
-            await asyncio.to_thread(self.storage.put, key, file.data)
-            self.hook("file", batch.batch_id)
+        puts = [(self.storage.put, (key, file.data)) for key, (_, _, file) in encoded.items()]
+        await _in_threads(puts, lambda _: self.hook("file", batch.batch_id))
         self.hook("files", batch.batch_id)
         clock.lap("upload")
-        records = [
-            await asyncio.to_thread(
-                check_written, self.storage, key, rows.shape.name, role, rows.ids, file.sha256
-            )
+        checks = [
+            (check_written, (self.storage, key, rows.shape.name, role, rows.ids, file.sha256))
             for key, (rows, role, file) in encoded.items()
         ]
+        records: list[FileRecord] = await _in_threads(checks)
         self.hook("verified", batch.batch_id)
         clock.lap("verify")
         return records
@@ -350,6 +414,55 @@ class _Batcher:
             ) from None
 
 
+_Outcome = tuple[Root, "BatchReport | None"] | None
+_Encoded = dict[str, tuple[TableRows, Role, codec.EncodedFile]]
+
+
+@dataclass
+class _Prepared:
+    """A batch read and encoded inside its open transaction, not yet written anywhere."""
+
+    conn: AsyncConnection
+    transaction: Any
+    last: Root
+    batch: _PlannedBatch
+    clock: _Stopwatch
+    encoded: _Encoded = field(default_factory=dict)
+
+    async def release(self) -> None:
+        await _release(self.conn, self.transaction)
+
+
+async def _release(conn: AsyncConnection, transaction: Any) -> None:
+    """Roll back (if a transaction is given and still open) and close; never raises."""
+    with contextlib.suppress(SQLAlchemyError, OSError):
+        if transaction is not None and transaction.is_active:
+            await transaction.rollback()
+    with contextlib.suppress(SQLAlchemyError, OSError):
+        await conn.close()
+
+
+async def _in_threads(
+    calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
+    each: Callable[[T], None] | None = None,
+) -> list[T]:
+    """Run blocking calls in threads at once; results in call order.
+
+    ``each`` runs in the event loop as every call completes. Whatever happens,
+    every call has finished before this returns or raises, so a caller that
+    cleans up after a failure never races a write still in flight.
+    """
+    tasks = [asyncio.ensure_future(asyncio.to_thread(call, *args)) for call, args in calls]
+    try:
+        for done in asyncio.as_completed(tasks):
+            result = await done
+            if each is not None:
+                each(result)
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [task.result() for task in tasks]
+
+
 class _PlannedBatch:
     """The rows of one batch and the names they will be written under."""
 
@@ -382,7 +495,7 @@ class _PlannedBatch:
     def ids_by_table(self) -> dict[str, list[str]]:
         return {table: rows.ids for table, rows in self.gathered.tables.items()}
 
-    def encode(self) -> dict[str, tuple[TableRows, Role, codec.EncodedFile]]:
+    def encode(self) -> _Encoded:
         encoded = {}
         for key, (rows, role) in self.files.items():
             metadata = {
@@ -432,14 +545,21 @@ class _Stopwatch:
     def __init__(self) -> None:
         self.start = self.last = time.monotonic()
         self.laps: dict[str, float] = {}
+        self.waited = 0.0
 
     def lap(self, stage: str) -> None:
         now = time.monotonic()
         self.laps[stage] = self.laps.get(stage, 0.0) + now - self.last
         self.last = now
 
+    def resume(self) -> None:
+        """Leave out the time since the last lap (a read-ahead batch waiting its turn)."""
+        now = time.monotonic()
+        self.waited += now - self.last
+        self.last = now
+
     def total(self) -> float:
-        return time.monotonic() - self.start
+        return time.monotonic() - self.start - self.waited
 
 
 def _is_transient(exc: BaseException) -> bool:
