@@ -114,7 +114,8 @@ def from_csv(data: bytes, shape: TableShape) -> pa.Table:
         return pa.table({name: pa.array([], kind) for name, kind in read_types.items()})
     table = pcsv.read_csv(
         pa.BufferReader(data),
-        read_options=pcsv.ReadOptions(column_names=shape.column_names),
+        # One thread: batches are a few MB, and the other batch in flight uses the other core.
+        read_options=pcsv.ReadOptions(column_names=shape.column_names, use_threads=False),
         parse_options=pcsv.ParseOptions(newlines_in_values=True),
         convert_options=pcsv.ConvertOptions(
             column_types=read_types,

@@ -19,6 +19,8 @@ by the ids read here, so a late row stays in the database for a later sweep.
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +28,7 @@ from typing import Any
 from uuid import UUID
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -47,6 +50,11 @@ _EXPIRED = (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_FLOW_RUN = " AND flow_run_id IS NULL"
 _AFTER = " AND (end_time > :after_time OR (end_time = :after_time AND id > :after_id))"
+_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CANONICAL_UUIDS = re.compile(f"(?:{_UUID},)*{_UUID}")
+#: COPY output larger than this is parsed in a thread (Arrow releases the GIL), so the
+#: event loop keeps serving the other batch's connection meanwhile.
+_PARSE_IN_THREAD = 1 << 20
 
 
 @dataclass
@@ -213,7 +221,10 @@ def _column_values(rows: TableRows, column: str) -> set[str]:
 
 def _uuid_array(ids: Sequence[str]) -> str:
     """A ``uuid[]`` literal; raises ValueError unless every id is a UUID (nothing else inlined)."""
-    return "'{" + ",".join(str(UUID(str(value))) for value in ids) + "}'::uuid[]"
+    joined = ",".join(ids)
+    if not _CANONICAL_UUIDS.fullmatch(joined):  # one regex pass; ids from PostgreSQL match
+        joined = ",".join(str(UUID(str(value))) for value in ids)
+    return "'{" + joined + "}'::uuid[]"
 
 
 def _as_rows(part: TableRows) -> list[tuple[Any, ...]]:
@@ -337,7 +348,10 @@ class _Reader:
                 await driver.copy_from_query(sql, output=sink, format="csv", force_quote=True)
             except Exception as exc:  # asyncpg's own errors: wrap them as SQLAlchemy would
                 raise DBAPIError(f"COPY ({sql[:200]}...)", None, exc) from exc
-        return TableRows(shape, table=codec.from_csv(b"".join(chunks), shape))
+        data = b"".join(chunks)
+        if len(data) > _PARSE_IN_THREAD:
+            return TableRows(shape, table=await asyncio.to_thread(codec.from_csv, data, shape))
+        return TableRows(shape, table=codec.from_csv(data, shape))
 
     async def _driver(self) -> Any:
         """The asyncpg connection under the SQLAlchemy one, with ISO UTC text output."""
@@ -369,6 +383,8 @@ class _Reader:
         else:
             rows = [row for part in parts for row in _as_rows(part)]
             combined = TableRows(shape, rows)
+        if combined.table is not None and len(pc.unique(combined.table["id"])) == len(combined):
+            return combined
         first: dict[str, int] = {}
         for index, row_id in enumerate(combined.ids):
             first.setdefault(row_id, index)
