@@ -31,12 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.errors import ConcurrentChange
 from archiver.source.schema import TREE_TABLES
-from archiver.source.selection import CHUNK
+from archiver.source.selection import CHUNK, sqlite_driver_execute
 
 #: PostgreSQL: tables the flow_run DELETE cascades into, with the parent key and parent table.
 CASCADED = {
@@ -115,15 +115,14 @@ async def _delete_ids(conn: AsyncConnection, table: str, ids: list[str]) -> int:
     if not ids:
         return 0
     dialect = conn.dialect.name
-    if dialect == "postgresql":
-        statement = text(f"DELETE FROM {table} WHERE id = ANY(:ids)")
-    else:
-        statement = text(f"DELETE FROM {table} WHERE id IN :ids").bindparams(
-            bindparam("ids", expanding=True)
-        )
     removed = 0
     size = CHUNK[dialect]
     for start in range(0, len(ids), size):
-        result = await conn.execute(statement, {"ids": ids[start : start + size]})
-        removed += result.rowcount
+        chunk = ids[start : start + size]
+        if dialect == "postgresql":
+            statement = text(f"DELETE FROM {table} WHERE id = ANY(:ids)")
+            removed += (await conn.execute(statement, {"ids": chunk})).rowcount
+        else:
+            sql = f"DELETE FROM {table} WHERE id IN :ids"
+            removed += int(await sqlite_driver_execute(conn, sql, chunk, fetch=False))
     return removed
