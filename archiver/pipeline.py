@@ -9,7 +9,7 @@ A batch is one database transaction around storage work (the commit protocol,
       PUT _pending/<batch>.json           intent: the keys about to be written
       PUT <table>/month=.../<batch>.parquet   for every table with rows
       GET every file back, fresh: checksum, row count, exact primary keys
-      DELETE exactly those keys, children first; each count must match
+      DELETE exactly those keys; each count must match (source/deletion.py)
       INSERT the manifest into the ledger
     COMMIT
     PUT _manifests/<batch>.json; DELETE _pending/<batch>.json
@@ -17,6 +17,10 @@ A batch is one database transaction around storage work (the commit protocol,
 Any failure before COMMIT rolls back and removes what the batch wrote, so the
 database is unchanged. A failure *during* COMMIT leaves the files and marker
 for recovery, which asks the ledger what happened.
+
+On PostgreSQL two batches are in flight: :meth:`_Batcher._prepare` (BEGIN to
+encode) of batch N+1 runs on its own connection while :meth:`_Batcher._finish`
+(marker to manifest) of batch N runs; N+1 writes nothing until N is done.
 """
 
 from __future__ import annotations
