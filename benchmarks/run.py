@@ -76,6 +76,8 @@ SEED = 1
 EXPIRED_FRACTION = 0.5
 BARE = "bare delete"
 ARCHIVER = "archiver"
+#: A local folder with ``RunOptions(overlap=False)``: one PostgreSQL batch at a time.
+SEQUENTIAL = "local-sequential"
 STAGES = ("select", "encode", "upload", "verify", "delete", "commit", "manifest")
 S3_REGION = "us-east-1"
 S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
@@ -291,6 +293,7 @@ def archive(spec: Spec) -> Work:
         batch_interval=0,
         dry_run=False,
         now=NOW,
+        overlap=spec.storage != SEQUENTIAL,
     )
     report = asyncio.run(run(options))
     stages = {s: sum(b.stages.get(s, 0.0) for b in report.batches) for s in STAGES}
@@ -578,7 +581,7 @@ def _wait_for(endpoint: str, server: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def archive_root(storage: str, endpoint: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(storage_url, storage_options) of an empty archive root, removed afterwards."""
-    if storage == "local":
+    if storage in ("local", SEQUENTIAL):
         folder = tempfile.mkdtemp(prefix="archive-", dir=DATA)
         try:
             yield folder, {}
@@ -841,15 +844,21 @@ def _parse_args(argv: Sequence[str]) -> Plan:
     )
     parser.add_argument("--runs", type=int, required=True, help="top-level flow runs")
     parser.add_argument("--backends", default="sqlite,postgres", help="sqlite,postgres")
-    parser.add_argument("--storages", default="local,s3", help="local,s3 (archiver's target)")
+    parser.add_argument(
+        "--storages",
+        default="local,s3",
+        help=f"local,s3,{SEQUENTIAL} (archiver's target; the last is local without overlap)",
+    )
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=1, help="measure each this many times")
     parser.add_argument("--fresh", action="store_true", help="new templates, removed after")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     args = parser.parse_args(argv)
     backends, storages = args.backends.split(","), args.storages.split(",")
-    if not set(backends) <= {"sqlite", "postgres"} or not set(storages) <= {"local", "s3", ""}:
-        parser.error("backends are sqlite and postgres; storages are local and s3")
+    if not set(backends) <= {"sqlite", "postgres"} or not set(storages) <= {
+        "local", "s3", SEQUENTIAL, ""
+    }:  # fmt: skip
+        parser.error(f"backends are sqlite and postgres; storages are local, s3, {SEQUENTIAL}")
     if args.runs < 1 or args.repeat < 1 or not 1 <= args.batch_size <= 1000:
         parser.error("--runs and --repeat must be positive, --batch-size 1 to 1000")
     return Plan(args.runs, backends, [s for s in storages if s], args.batch_size,
