@@ -78,6 +78,11 @@ class TableRows:
             return TableRows(self.shape, table=self.table.take(indices))
         return TableRows(self.shape, [self.rows[i] for i in indices])
 
+    def keep_only_ids(self) -> None:
+        """Let go of every column but ``id`` (once encoded, only the keys are needed)."""
+        if self.table is not None:
+            self.table = self.table.select(["id"])
+
     def __len__(self) -> int:
         return int(self.table.num_rows) if self.table is not None else len(self.rows)
 

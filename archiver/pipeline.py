@@ -513,6 +513,7 @@ class _PlannedBatch:
                 "archiver.source_id": self.source_id,
             }
             encoded[key] = (rows, role, codec.encode(rows, metadata, self.options.compression))
+            rows.keep_only_ids()  # bounds memory: two batches are in flight on PostgreSQL
         return encoded
 
     def manifest(self, records: list[FileRecord]) -> BatchManifest:
