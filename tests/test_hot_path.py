@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -18,7 +18,12 @@ from archiver.source.schema import inspect_schema
 from archiver.source.selection import gather, lock_roots
 from tests import factory
 from tests.helpers import EXPIRED, NOW, RETENTION, archive
-from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+from tests.oracle import (
+    RUN_TABLES,
+    archived_rows,
+    assert_archive_consistent,
+    assert_nothing_lost,
+)
 
 
 def test_copy_csv_parses_into_archive_types_column_wise() -> None:
@@ -116,3 +121,22 @@ def test_next_batch_is_read_while_one_deletes_and_dropped_on_failure(
     assert report.archived_roots == 3, "a rolled-back read-ahead batch left rows locked"
     assert_nothing_lost(db, local_storage, before)
     assert_archive_consistent(db, local_storage)
+
+
+def test_a_value_copy_text_cannot_carry_falls_back_to_reading_rows(
+    postgres_database: Any, local_storage: Any
+) -> None:
+    db = postgres_database
+    tree = factory.make_tree(db, end_time=EXPIRED)
+    db.execute(
+        "UPDATE flow_run SET next_scheduled_start_time = 'infinity' WHERE id = :id",
+        {"id": tree.root_id},
+    )
+
+    report = archive(db, local_storage)
+
+    assert report.archived_roots == 1
+    assert db.count("flow_run") == 0
+    row = archived_rows(local_storage, "flow_run")[tree.root_id]
+    # what asyncpg makes of 'infinity', as before COPY was used
+    assert row["next_scheduled_start_time"] == datetime.max.replace(tzinfo=UTC)
