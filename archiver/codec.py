@@ -21,18 +21,21 @@ carries its table, batch and source revision in schema metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from archiver.errors import ArchiverError, VerificationError
-from archiver.models import Column, Kind, TableRows
+from archiver.models import Column, Kind, TableRows, TableShape
 
 ARROW_TYPES: dict[Kind, pa.DataType] = {
     Kind.UUID: pa.string(),
@@ -48,6 +51,23 @@ ARROW_TYPES: dict[Kind, pa.DataType] = {
     Kind.STRING: pa.string(),
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _use_jemalloc() -> None:
+    """Prefer jemalloc for Arrow buffers unless the user chose a pool.
+
+    A batch's buffers live for a second; mimalloc (pyarrow's default on Linux)
+    keeps a heap per thread, and reading, encoding, uploading and verifying run
+    in several threads. Measured on 10k runs: peak RSS 358 MB with mimalloc,
+    240 MB with jemalloc, which hands freed pages back to the OS.
+    """
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return
+    with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+
+
+_use_jemalloc()
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,13 @@ def checksum(data: bytes) -> str:
 
 def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
     """Column-wise conversion of driver rows to an Arrow table with the archive's types."""
+    fields = [
+        pa.field(column.name, ARROW_TYPES[column.kind], metadata={"archiver.kind": column.kind})
+        for column in rows.shape.columns
+    ]
+    schema = pa.schema(fields, metadata=dict(metadata))
+    if rows.table is not None:  # read column-wise, already in the archive's types
+        return pa.Table.from_arrays(rows.table.columns, schema=schema)
     columns = list(zip(*rows.rows, strict=True)) if rows.rows else [()] * len(rows.shape.columns)
     arrays = []
     for column, values in zip(rows.shape.columns, columns, strict=True):
@@ -86,12 +113,43 @@ def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
                 f"cannot archive {rows.shape.name}.{column.name} as {column.kind}: {exc}",
                 hint="report this value to the archiver maintainers; nothing was deleted",
             ) from None
-    fields = [
-        pa.field(column.name, ARROW_TYPES[column.kind], metadata={"archiver.kind": column.kind})
-        for column in rows.shape.columns
-    ]
-    schema = pa.schema(fields, metadata=dict(metadata))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def from_csv(data: bytes, shape: TableShape) -> pa.Table:
+    """Parse PostgreSQL ``COPY ... (FORMAT csv, FORCE_QUOTE *)`` output into archive types.
+
+    Column-wise, in Arrow's C++ parser: no Python object per value. The COPY must
+    quote every non-NULL value (so an unquoted empty field is NULL and ``""`` is an
+    empty string), write timestamps in ISO style and intervals as integer
+    microseconds. Raises ``pa.ArrowInvalid`` on anything else; callers fall back
+    to reading rows.
+    """
+    read_types = {
+        column.name: pa.int64() if column.kind is Kind.INTERVAL else ARROW_TYPES[column.kind]
+        for column in shape.columns
+    }
+    if not data:
+        return pa.table({name: pa.array([], kind) for name, kind in read_types.items()})
+    table = pcsv.read_csv(
+        pa.BufferReader(data),
+        # One thread: batches are a few MB, and the other batch in flight uses the other core.
+        read_options=pcsv.ReadOptions(column_names=shape.column_names, use_threads=False),
+        parse_options=pcsv.ParseOptions(newlines_in_values=True),
+        convert_options=pcsv.ConvertOptions(
+            column_types=read_types,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
+    for index, column in enumerate(shape.columns):
+        if column.kind is Kind.INTERVAL:
+            durations = table.column(index).cast(pa.duration("us"))
+            table = table.set_column(index, column.name, durations)
+    return table
 
 
 def encode(rows: TableRows, metadata: Mapping[str, str], compression: str = "zstd") -> EncodedFile:

@@ -51,20 +51,43 @@ class TableShape:
 
 @dataclass
 class TableRows:
-    """Rows of one table as the driver returned them (values not yet normalised:
-    SQLite hands back text for timestamps and intervals, PostgreSQL Python objects).
+    """Rows of one table, held one of two ways.
+
+    ``rows``: tuples as the driver returned them (values not yet normalised: SQLite
+    hands back text for timestamps and intervals). ``table``: a pyarrow Table
+    already in the archive's types, for sources read column-wise (PostgreSQL COPY);
+    then ``rows`` stays empty.
     """
 
     shape: TableShape
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    table: Any = None  # pyarrow.Table | None (models stays free of pyarrow)
 
     @property
     def ids(self) -> list[str]:
-        index = self.shape.id_index
-        return [str(row[index]) for row in self.rows]
+        return [str(value) for value in self.column("id")]
+
+    def column(self, name: str) -> list[Any]:
+        """One column's values as Python objects."""
+        if self.table is not None:
+            values: list[Any] = self.table.column(name).to_pylist()
+            return values
+        index = self.shape.column_names.index(name)
+        return [row[index] for row in self.rows]
+
+    def take(self, indices: list[int]) -> TableRows:
+        """The rows at ``indices``, in that order."""
+        if self.table is not None:
+            return TableRows(self.shape, table=self.table.take(indices))
+        return TableRows(self.shape, [self.rows[i] for i in indices])
+
+    def keep_only_ids(self) -> None:
+        """Let go of every column but ``id`` (once encoded, only the keys are needed)."""
+        if self.table is not None:
+            self.table = self.table.select(["id"])
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return int(self.table.num_rows) if self.table is not None else len(self.rows)
 
 
 @dataclass(frozen=True)

@@ -538,7 +538,7 @@ class _Batcher:
         self.hook("gathered", batch.batch_id)
         try:
             records = await self._write_and_verify(batch, clock)
-            await delete_archived(conn, batch.ids_by_table())
+            await delete_archived(conn, batch.ids_by_table(), cascade=content.kind == "runs")
             await apply_repoints(conn, content.repoints)
             self.hook("deleted", batch.batch_id)
             manifest = batch.manifest(records)
@@ -579,17 +579,15 @@ class _Batcher:
             self.storage.put, pending_key(batch.batch_id), marker.to_json().encode()
         )
         self.hook("marker", batch.batch_id)
-        for key, (_, _, file) in encoded.items():
-            await asyncio.to_thread(self.storage.put, key, file.data)
-            self.hook("file", batch.batch_id)
+        puts = [(self.storage.put, (key, file.data)) for key, (_, _, file) in encoded.items()]
+        await _in_threads(puts, lambda _: self.hook("file", batch.batch_id))
         self.hook("files", batch.batch_id)
         clock.lap("upload")
-        records = [
-            await asyncio.to_thread(
-                check_written, self.storage, key, rows.shape.name, role, rows.ids, file.sha256
-            )
+        checks = [
+            (check_written, (self.storage, key, rows.shape.name, role, rows.ids, file.sha256))
             for key, (rows, role, file) in encoded.items()
         ]
+        records: list[FileRecord] = await _in_threads(checks)
         self.hook("verified", batch.batch_id)
         clock.lap("verify")
         return records
@@ -633,6 +631,27 @@ class _Batcher:
                 f"failed ({exc.message}); the ledger holds it and the next run writes it",
                 hint="run `archiver recover` once storage is reachable",
             ) from None
+
+
+async def _in_threads(
+    calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
+    each: Callable[[T], None] | None = None,
+) -> list[T]:
+    """Run blocking calls in threads at once; results in call order.
+
+    ``each`` runs in the event loop as every call completes. Whatever happens,
+    every call has finished before this returns or raises, so a caller that
+    cleans up after a failure never races a write still in flight.
+    """
+    tasks = [asyncio.ensure_future(asyncio.to_thread(call, *args)) for call, args in calls]
+    try:
+        for done in asyncio.as_completed(tasks):
+            result = await done
+            if each is not None:
+                each(result)
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [task.result() for task in tasks]
 
 
 class _PlannedBatch:

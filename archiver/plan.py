@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver import codec
-from archiver.models import Root, TableRows
+from archiver.models import Root
 from archiver.pipeline import RunOptions
 from archiver.source.engine import create_engine, read_only_connection, translate_error
 from archiver.source.maintenance import sqlite_journal_warning
@@ -254,7 +254,7 @@ async def _measure(
         for rows in tables:
             name = rows.shape.name
             metadata = _file_metadata(name, schema)
-            first = TableRows(rows.shape, rows.rows[:1])
+            first = rows.take([0])
             sample.files[name] += 1
             sample.rows[name] += len(rows)
             sample.full[name] += len(codec.encode(rows, metadata, compression).data)

@@ -49,11 +49,11 @@ async def plan_collections(
     conn: AsyncConnection, schema: PrefectSchema, artifacts: TableRows
 ) -> tuple[TableRows, list[Repoint]]:
     """Collections whose latest artifact is in ``artifacts``: rows to archive, rows to re-point."""
-    key_index = artifacts.shape.column_names.index("key")
     archived_by_key: dict[str, list[str]] = {}
-    for row, row_id in zip(artifacts.rows, artifacts.ids, strict=True):
-        if row[key_index] is not None:
-            archived_by_key.setdefault(str(row[key_index]), []).append(row_id)
+    # column(): artifacts may be held column-wise (PostgreSQL reads them with COPY)
+    for key, row_id in zip(artifacts.column("key"), artifacts.ids, strict=True):
+        if key is not None:
+            archived_by_key.setdefault(str(key), []).append(row_id)
     collections = await _collections_by_key(conn, schema, sorted(archived_by_key))
     latest = collections.shape.column_names.index("latest_id")
     archived_ids = set(artifacts.ids)

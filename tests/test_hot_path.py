@@ -1,0 +1,142 @@
+"""The fast paths: COPY into Arrow, the exact cascade on PostgreSQL, and reading ahead."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from sqlalchemy import text
+
+from archiver import codec
+from archiver.models import Column, Kind, TableShape
+from archiver.source.deletion import DeleteMismatch, delete_archived
+from archiver.source.engine import DatabaseOptions, create_engine
+from archiver.source.schema import inspect_schema
+from archiver.source.selection import gather, lock_roots
+from tests import factory
+from tests.helpers import EXPIRED, NOW, RETENTION, archive
+from tests.oracle import (
+    RUN_TABLES,
+    archived_rows,
+    assert_archive_consistent,
+    assert_nothing_lost,
+)
+
+
+def test_copy_csv_parses_into_archive_types_column_wise() -> None:
+    shape = TableShape(
+        "t",
+        (
+            Column("id", Kind.UUID),
+            Column("at", Kind.TIMESTAMP),
+            Column("took", Kind.INTERVAL),
+            Column("doc", Kind.JSON),
+            Column("ok", Kind.BOOLEAN),
+            Column("n", Kind.INT32),
+            Column("name", Kind.STRING),
+        ),
+    )
+    # What PostgreSQL writes for COPY ... (FORMAT csv, FORCE_QUOTE *) in UTC, ISO style.
+    data = (
+        b'"0b3f6a2e-0000-4000-8000-000000000001","2026-01-02 03:04:05.123456+00",'
+        b'"5123456","{""a"": [1, ""x\\ny""]}","t","7","say ""hi"",\nnext line"\n'
+        b'"0b3f6a2e-0000-4000-8000-000000000002","2026-01-02 03:04:05+02",,"null",,,""\n'
+    )
+    table = codec.from_csv(data, shape)
+    first, second = table.to_pylist()
+    assert first["at"].isoformat() == "2026-01-02T03:04:05.123456+00:00"
+    assert first["took"] == timedelta(seconds=5.123456)
+    assert first["doc"] == '{"a": [1, "x\\ny"]}'
+    assert (first["ok"], first["n"], first["name"]) == (True, 7, 'say "hi",\nnext line')
+    assert second["at"].isoformat() == "2026-01-02T01:04:05+00:00"
+    assert second["doc"] == "null", "JSON null is a document, not SQL NULL"
+    assert (second["took"], second["ok"], second["n"]) == (None, None, None)
+    assert second["name"] == "", "an empty string is not NULL"
+    assert codec.from_csv(b"", shape).num_rows == 0
+    with pytest.raises(pa.ArrowInvalid):
+        codec.from_csv(b'"x","infinity",,,,,\n', shape)
+
+
+def test_cascade_refuses_to_take_a_row_that_was_not_archived(postgres_database: Any) -> None:
+    db = postgres_database
+    factory.make_tree(db, end_time=EXPIRED, subflow_depth=1, task_runs=2)
+    before = {table: db.ids(table) for table in RUN_TABLES}
+
+    async def delete_all_but_one_state() -> None:
+        engine = create_engine(DatabaseOptions(db.url))
+        try:
+            async with engine.connect() as conn:
+                schema = await inspect_schema(conn)
+                await conn.rollback()
+                transaction = await conn.begin()
+                roots = await lock_roots(conn, NOW - RETENTION, 10)
+                gathered = await gather(conn, schema, roots)
+                ids = {table: rows.ids for table, rows in gathered.tables.items()}
+                assert len(ids["task_run_state"]) > 1
+                ids["task_run_state"] = ids["task_run_state"][1:]
+                with pytest.raises(DeleteMismatch, match="task_run_state: the flow_run DELETE"):
+                    await delete_archived(conn, ids)
+                await transaction.rollback()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(delete_all_but_one_state())
+    assert {table: db.ids(table) for table in RUN_TABLES} == before
+
+
+def test_next_batch_is_read_while_one_deletes_and_dropped_on_failure(
+    postgres_database: Any, local_storage: Any
+) -> None:
+    db = postgres_database
+    for hours in range(4):
+        factory.make_tree(db, end_time=EXPIRED - timedelta(hours=hours))
+    before = {table: db.ids(table) for table in RUN_TABLES}
+    open_transactions: list[int] = []
+    deleted = 0
+
+    def hook(step: str, batch_id: str) -> None:
+        nonlocal deleted
+        if step != "deleted":
+            return
+        with db.engine.connect() as conn:  # archiver sessions inside a transaction now
+            sql = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'archiver' AND xact_start IS NOT NULL"
+            )
+            open_transactions.append(int(conn.execute(text(sql)).scalar_one()))
+        deleted += 1
+        if deleted == 2:
+            raise RuntimeError("injected fault after the second DELETE")
+
+    with pytest.raises(RuntimeError, match="injected fault"):
+        archive(db, local_storage, hook=hook, batch_size=1)
+
+    assert open_transactions[0] == 2, "the next batch was not read while this one deleted"
+    assert db.count("flow_run", "parent_task_run_id IS NULL") == 3, "only batch 1 committed"
+    assert_nothing_lost(db, local_storage, before)
+    report = archive(db, local_storage, batch_size=1)
+    assert report.archived_roots == 3, "a rolled-back read-ahead batch left rows locked"
+    assert_nothing_lost(db, local_storage, before)
+    assert_archive_consistent(db, local_storage)
+
+
+def test_a_value_copy_text_cannot_carry_falls_back_to_reading_rows(
+    postgres_database: Any, local_storage: Any
+) -> None:
+    db = postgres_database
+    tree = factory.make_tree(db, end_time=EXPIRED)
+    db.execute(
+        "UPDATE flow_run SET next_scheduled_start_time = 'infinity' WHERE id = :id",
+        {"id": tree.root_id},
+    )
+
+    report = archive(db, local_storage)
+
+    assert report.archived_roots == 1
+    assert db.count("flow_run") == 0
+    row = archived_rows(local_storage, "flow_run")[tree.root_id]
+    # what asyncpg makes of 'infinity', as before COPY was used
+    assert row["next_scheduled_start_time"] == datetime.max.replace(tzinfo=UTC)
