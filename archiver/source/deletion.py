@@ -10,9 +10,10 @@ on SQLite than the cascade).
 
 For a batch of whole run trees (``cascade=True``) PostgreSQL lets the foreign
 keys do the work, as a bare delete would: deleting children first costs far
-more there (each ``flow_run_state`` deleted before its flow run fires ``ON DELETE SET NULL`` on ``flow_run.state_id``, and 100k primary
-key probes on ``task_run_state`` cost more than the cascade's lookups by
-``task_run_id``). The cascade stays exact because:
+more there (each ``flow_run_state`` deleted before its flow run fires
+``ON DELETE SET NULL`` on ``flow_run.state_id``, and 100k primary key probes on
+``task_run_state`` cost more than the cascade's lookups by ``task_run_id``).
+The cascade stays exact because:
 
 * gather read each cascaded table by the very key the cascade follows
   (``task_run``, ``flow_run_state`` and ``flow_run_input`` by ``flow_run_id``,
