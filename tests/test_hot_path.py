@@ -78,7 +78,7 @@ def test_cascade_refuses_to_take_a_row_that_was_not_archived(postgres_database: 
                 assert len(ids["task_run_state"]) > 1
                 ids["task_run_state"] = ids["task_run_state"][1:]
                 with pytest.raises(DeleteMismatch, match="task_run_state: the flow_run DELETE"):
-                    await delete_archived(conn, ids)
+                    await delete_archived(conn, ids, cascade=True)
                 await transaction.rollback()
         finally:
             await engine.dispose()
