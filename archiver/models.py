@@ -78,6 +78,8 @@ class TableRows:
     def take(self, indices: list[int]) -> TableRows:
         """The rows at ``indices``, in that order."""
         if self.table is not None:
+            if not indices:  # pyarrow types an empty index list as null, which take() refuses
+                return TableRows(self.shape, table=self.table.slice(0, 0))
             return TableRows(self.shape, table=self.table.take(indices))
         return TableRows(self.shape, [self.rows[i] for i in indices])
 

@@ -350,4 +350,8 @@ def test_a_dry_run_shows_each_rule(
     assert [rules["failed"][key] for key in ("selected", "kept", "held")] == [1, 1, 0]
     assert [rules["default"][key] for key in ("selected", "kept", "held")] == [0, 0, 1]
     assert "failed" in result.stderr and "legal hold" in result.stderr  # the rule table
+    planned = CliRunner().invoke(app, ["plan", "--json", "--config", str(config)])
+    assert planned.exit_code == 0, planned.output
+    plan_rules = {rule["rule"]: rule for rule in json.loads(planned.stdout)["rules"]}
+    assert plan_rules == rules  # plan counts per rule exactly as the dry run does
     assert sqlite_database.count("flow_run") == 3
