@@ -27,7 +27,7 @@ from archiver.compact import CompactOptions, CompactReport, compact, parse_size
 from archiver.console import JsonLines, Reporter, TerminalProgress, rule_table
 from archiver.doctor import DoctorOptions, Status, doctor
 from archiver.errors import ArchiverError, ConfigError
-from archiver.pipeline import RunOptions, RunReport
+from archiver.pipeline import RunReport
 from archiver.plan import Plan, plan
 from archiver.recovery import recover
 from archiver.restore import RestoreOptions, restore
@@ -35,7 +35,7 @@ from archiver.schedule import Schedule, parse_duration
 from archiver.service import Service, database_options, run_options
 from archiver.settings import Settings, load_settings
 from archiver.show import RunView, show_run
-from archiver.source.engine import DatabaseOptions, create_engine
+from archiver.source.engine import create_engine
 from archiver.storage import Storage
 from archiver.verify import VerifyScope, list_batches, verify_archive
 
@@ -51,14 +51,6 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML settings file (see config.example.toml)."),
 ]
-
-
-def _options(settings: Settings, *, dry_run: bool) -> RunOptions:
-    return run_options(settings, dry_run=dry_run)
-
-
-def _database(settings: Settings) -> DatabaseOptions:
-    return database_options(settings)
 
 
 @app.command("run")
@@ -107,7 +99,7 @@ def run_command(
     try:
         settings = load_settings(config, max_batches=max_batches, vacuum=vacuum or None)
         options = replace(
-            _options(settings, dry_run=not (settings.enabled or yes)), max_runtime=runtime
+            run_options(settings, dry_run=not (settings.enabled or yes)), max_runtime=runtime
         )
         service = Service(
             options,
@@ -156,7 +148,7 @@ def plan_command(
     """Show what `archiver run` would archive now: runs, rows and bytes; writes nothing."""
     try:
         settings = load_settings(config)
-        result = asyncio.run(plan(_options(settings, dry_run=True)))
+        result = asyncio.run(plan(run_options(settings, dry_run=True)))
     except ArchiverError as exc:
         _fail(exc)
     if as_json:
@@ -212,7 +204,7 @@ def doctor_command(
     try:
         settings = load_settings(config)
         options = DoctorOptions(
-            database=_database(settings),
+            database=database_options(settings),
             storage_url=settings.storage_url,
             storage_options=settings.storage_options,
             create_index=create_index,
@@ -271,7 +263,7 @@ def restore_command(
     """Put archived runs back into a Prefect database (PostgreSQL or SQLite)."""
     try:
         settings = load_settings(config)
-        database = _database(settings)
+        database = database_options(settings)
         options = RestoreOptions(
             database=replace(database, url=to) if to else database,
             storage_url=settings.storage_url,
@@ -404,7 +396,7 @@ def compact_command(
     try:
         settings = load_settings(config)
         options = CompactOptions(
-            database=_database(settings),
+            database=database_options(settings),
             storage_url=settings.storage_url,
             storage_options=settings.storage_options,
             target_size=parse_size(target_size),
@@ -441,7 +433,7 @@ def _render_compact(report: CompactReport) -> None:
 
 async def _recover(settings: Settings) -> list[str]:
     storage = Storage(settings.storage_url, settings.storage_options)
-    engine = create_engine(_database(settings))
+    engine = create_engine(database_options(settings))
     try:
         return await recover(engine, storage)
     finally:

@@ -273,6 +273,22 @@ async def _finish(report: RunReport, storage: Storage, options: RunOptions, star
         report.warnings.append(f"the run report was not written: {exc.message}")
 
 
+def short_retention_warnings(policy: RetentionPolicy) -> list[str]:
+    """A warning when any rule keeps runs less than a day (also for ``archiver plan``)."""
+    short = [
+        rule.name
+        for rule in policy.effective_rules
+        if rule.retention is not None and rule.retention < timedelta(days=1)
+    ]
+    if not short:
+        return []
+    what = "retention_period" if short == ["default"] else f"the retention of {short}"
+    return [
+        f"{what} is under a day: Prefect's cancellation clean-up may still be "
+        "writing to cancelled runs archiver takes (a day or more is safe)"
+    ]
+
+
 def _no_hook(step: str, batch_id: str) -> None:
     return None
 
@@ -306,17 +322,7 @@ async def _run(
     )
     report.sweep_counts = counts
     report.rule_counts, report.policies = rule_counts, bool(policy.rules)
-    short = [
-        rule.name
-        for rule in policy.effective_rules
-        if rule.retention is not None and rule.retention < timedelta(days=1)
-    ]
-    if short:
-        what = "retention_period" if short == ["default"] else f"the retention of {short}"
-        report.warnings.append(
-            f"{what} is under a day: Prefect's cancellation clean-up may still be "
-            "writing to cancelled runs archiver takes (a day or more is safe)"
-        )
+    report.warnings += short_retention_warnings(policy)
     if options.dry_run:
         report.outcome = "dry_run"
         return report
@@ -442,26 +448,22 @@ class _Batcher:
         A batch that failed for a transient reason (lost connection, rows changed
         under it) was rolled back whole, so it is simply tried again, a few times.
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
-            stop=stop_after_attempt(self.options.batch_attempts),
-            wait=wait_exponential(multiplier=0.5, max=10),
-            reraise=True,
-        )
-        return await retrying(self._attempt, partial(self._in_transaction, after=after))
+        return await self._retrying()(self._attempt, partial(self._in_transaction, after=after))
 
     async def run_selected(self, select: Select) -> BatchReport | None:
         """One batch of whatever ``select`` locks and returns inside the transaction.
 
         None when it found nothing left to archive. Retried like :meth:`run_one`.
         """
-        retrying = AsyncRetrying(
+        return await self._retrying()(self._attempt, partial(self._selected, select=select))
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
             retry=retry_if_exception(_is_transient),
             stop=stop_after_attempt(self.options.batch_attempts),
             wait=wait_exponential(multiplier=0.5, max=10),
             reraise=True,
         )
-        return await retrying(self._attempt, partial(self._selected, select=select))
 
     def walker(self, sweep: Sweep) -> Walker:
         return Walker(sweep.walk, sweep.cutoff, self.options.sweep_batch_size)

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver import codec
 from archiver.models import Root
-from archiver.pipeline import RunOptions
+from archiver.pipeline import RunOptions, short_retention_warnings
 from archiver.source.engine import create_engine, read_only_connection, translate_error
 from archiver.source.maintenance import sqlite_journal_warning
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
@@ -126,7 +126,7 @@ async def _plan(conn: AsyncConnection, options: RunOptions) -> Plan:
     )
     if policy.rules:
         result.rules = await count_by_rule(conn, policy, now)
-    result.warnings = [*schema.warnings, *_setting_warnings(options)]
+    result.warnings = [*schema.warnings, *short_retention_warnings(policy)]
     journal = await sqlite_journal_warning(conn)
     if journal:
         result.warnings.append(journal)
@@ -278,12 +278,3 @@ def _file_metadata(table: str, schema: PrefectSchema) -> dict[str, str]:
         "archiver.version": __version__,
         "archiver.source_id": "00000000-0000-0000-0000-000000000000",
     }
-
-
-def _setting_warnings(options: RunOptions) -> list[str]:
-    if options.retention_period >= timedelta(days=1):
-        return []
-    return [
-        f"retention_period is {options.retention_period}, under a day: Prefect's cancellation "
-        "clean-up may still be writing to cancelled runs archiver takes (a day or more is safe)"
-    ]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from archiver import RunOptions, RunReport, run
 from archiver.pipeline import StepHook
@@ -52,3 +57,23 @@ def write_config(path: Path, storage: Any = None, **settings: Any) -> Path:
             settings["storage_options"] = storage.options
     path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in settings.items()))
     return path
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount_point`` for the block (``options``: e.g. ``ro,size=16k``).
+
+    Mounting needs root; without it the test is skipped, saying so (CI runs as root).
+    """
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs ({options}) needs root: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)

@@ -21,7 +21,7 @@ from archiver.cli import app
 from archiver.doctor import Status, _clock_check, _Facts
 from archiver.manifest import PendingMarker
 from tests import factory
-from tests.helpers import EXPIRED, archive, write_config
+from tests.helpers import EXPIRED, archive, mounted_tmpfs, write_config
 
 
 def doctor(config: Path, *args: str) -> tuple[int, dict[str, dict[str, str]]]:
@@ -135,19 +135,8 @@ def test_clock_skew_above_the_limit_warns() -> None:
 @pytest.fixture
 def read_only_folder(tmp_path: Path) -> Iterator[Path]:
     """A read-only tmpfs: writes fail with EROFS even for root."""
-    mount_point = tmp_path / "readonly"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a read-only tmpfs needs root: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "readonly", "ro,size=16k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.mark.sqlite

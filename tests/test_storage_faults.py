@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from archiver.cli import app
 from archiver.errors import BatchError, StorageError
 from tests import factory
-from tests.helpers import EXPIRED, archive
+from tests.helpers import EXPIRED, archive, mounted_tmpfs
 from tests.oracle import (
     RUN_TABLES,
     assert_archive_consistent,
@@ -76,19 +76,8 @@ def test_manifest_write_failure_after_commit_is_completed_by_the_next_run(
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a 16 KiB tmpfs needs root: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "size=16k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.mark.sqlite

@@ -21,28 +21,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import TextClause, bindparam, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.errors import ConcurrentChange
 from archiver.models import Repoint, TableRows
 from archiver.source.schema import PrefectSchema, select_column
+from archiver.source.selection import in_list, list_statement
 
 #: Fields a collection copies from its latest artifact.
 COPIED = ("task_run_id", "flow_run_id", "type", "data", "description", "metadata_")
 _CHUNK = 500
 QUOTED_KEY = '"key"'
-
-
-def _in(dialect: str, column: str, name: str = "ids") -> str:
-    return f"{column} = ANY(:{name})" if dialect == "postgresql" else f"{column} IN :{name}"
-
-
-def _statement(sql: str, dialect: str, *expanding: str) -> TextClause:
-    statement = text(sql)
-    if dialect == "sqlite":
-        statement = statement.bindparams(*(bindparam(n, expanding=True) for n in expanding))
-    return statement
 
 
 async def plan_collections(
@@ -92,10 +82,10 @@ async def _collections_by_key(
     found = TableRows(shape)
     columns = ", ".join(select_column(dialect, column) for column in shape.columns)
     lock = " FOR UPDATE" if dialect == "postgresql" else ""
-    sql = f"SELECT {columns} FROM artifact_collection WHERE {_in(dialect, QUOTED_KEY)}{lock}"
+    sql = f"SELECT {columns} FROM artifact_collection WHERE {in_list(dialect, QUOTED_KEY)}{lock}"
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start : start + _CHUNK]
-        result = await conn.execute(_statement(sql, dialect, "ids"), {"ids": chunk})
+        result = await conn.execute(list_statement(sql, dialect, "ids"), {"ids": chunk})
         found.rows.extend(tuple(row) for row in result.all())
     return found
 
@@ -106,14 +96,14 @@ async def newest_artifact(conn: AsyncConnection, key: str, excluding: Sequence[s
     params: dict[str, object] = {"key": key}
     excluded = ""
     if excluding:
-        excluded = f" AND NOT ({_in(dialect, 'id', 'excluded')})"
+        excluded = f" AND NOT ({in_list(dialect, 'id', 'excluded')})"
         params["excluded"] = list(excluding)
     sql = (
         f'SELECT id FROM artifact WHERE "key" = :key{excluded}'
         " ORDER BY created DESC, id DESC LIMIT 1"
     )
     names = ("excluded",) if excluding else ()
-    found = (await conn.execute(_statement(sql, dialect, *names), params)).scalar()
+    found = (await conn.execute(list_statement(sql, dialect, *names), params)).scalar()
     return None if found is None else str(found)
 
 

@@ -31,12 +31,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import TextClause, bindparam, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.models import TableRows
 from archiver.source.schema import PrefectSchema, select_column
-from archiver.source.selection import CHUNK, from_db_time, month_start, next_month, to_db_time
+from archiver.source.selection import (
+    CHUNK,
+    from_db_time,
+    in_list,
+    list_statement,
+    month_start,
+    next_month,
+    to_db_time,
+)
 
 
 @dataclass(frozen=True)
@@ -175,17 +183,6 @@ class Walker:
         return (await conn.execute(text(sql), params)).all()
 
 
-def _in(dialect: str, column: str) -> str:
-    return f"{column} = ANY(:ids)" if dialect == "postgresql" else f"{column} IN :ids"
-
-
-def _statement(sql: str, dialect: str) -> TextClause:
-    statement = text(sql)
-    if dialect == "sqlite":
-        statement = statement.bindparams(bindparam("ids", expanding=True))
-    return statement
-
-
 async def lock_rows(
     conn: AsyncConnection,
     schema: PrefectSchema,
@@ -205,13 +202,13 @@ async def lock_rows(
     lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     sql = (
         f"SELECT {columns} FROM {walk.table}"
-        f" WHERE {_in(dialect, walk.table + '.id')} AND {walk.conditions()}{lock}"
+        f" WHERE {in_list(dialect, walk.table + '.id')} AND {walk.conditions()}{lock}"
     )
     found = TableRows(shape)
     size = CHUNK[dialect]
     for start in range(0, len(ids), size):
         params = {"ids": list(ids[start : start + size]), "cutoff": to_db_time(dialect, cutoff)}
-        result = await conn.execute(_statement(sql, dialect), params)
+        result = await conn.execute(list_statement(sql, dialect, "ids"), params)
         found.rows.extend(tuple(row) for row in result.all())
     return found
 

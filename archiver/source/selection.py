@@ -40,7 +40,7 @@ from uuid import UUID
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import bindparam, text
+from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -119,6 +119,19 @@ def has_tag_sql(dialect: str, alias: str, tag: str) -> str:
     if dialect == "postgresql":
         return f"({alias}.tags ? {tag})"
     return f"EXISTS (SELECT 1 FROM json_each({alias}.tags) WHERE json_each.value = {tag})"
+
+
+def in_list(dialect: str, column: str, name: str = "ids") -> str:
+    """``column`` is one of the list bound as ``name`` (an array on PostgreSQL)."""
+    return f"{column} = ANY(:{name})" if dialect == "postgresql" else f"{column} IN :{name}"
+
+
+def list_statement(sql: str, dialect: str, *names: str) -> TextClause:
+    """``sql`` with the lists bound as ``names`` expanding on SQLite."""
+    statement = text(sql)
+    if dialect == "sqlite":
+        statement = statement.bindparams(*(bindparam(name, expanding=True) for name in names))
+    return statement
 
 
 def month_start(value: datetime) -> datetime:
@@ -427,16 +440,11 @@ class _Reader:
         self._asyncpg: Any = None
 
     def _in(self, column: str) -> str:
-        if self.dialect == "postgresql":
-            return f"{self.quote(column)} = ANY(:ids)"
-        return f"{self.quote(column)} IN :ids"
+        return in_list(self.dialect, self.quote(column))
 
     def _statement(self, sql: str) -> Any:
         """``sql`` with ``:ids`` expanding on SQLite, for statements with other parameters too."""
-        statement = text(sql)
-        if self.dialect == "sqlite":
-            statement = statement.bindparams(bindparam("ids", expanding=True))
-        return statement
+        return list_statement(sql, self.dialect, "ids")
 
     async def _fetch(self, sql: str, ids: list[str]) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` with ``:ids`` bound to ``ids``, as plain tuples."""
