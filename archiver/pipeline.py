@@ -6,16 +6,20 @@ A batch is one database transaction around storage work (the commit protocol,
     BEGIN (SQLite: IMMEDIATE)
       lock expired roots (SKIP LOCKED), gather their trees, lock them
       advisory lock on the batch id (PostgreSQL)
-      PUT _pending/<batch>.json           intent: the keys about to be written
-      PUT <table>/month=.../<batch>.parquet   for every table with rows
-      GET every file back, fresh: checksum, row count, exact primary keys
-      DELETE exactly those keys, children first; each count must match
-      INSERT the manifest into the ledger
+      at the same time, both to the end:
+        PUT _pending/<batch>.json           intent: the keys about to be written
+        PUT <table>/month=.../<batch>.parquet   for every table with rows
+        GET every file back, fresh: checksum, row count, exact primary keys
+      and
+        DELETE exactly those keys; each count must match
+      INSERT the manifest into the ledger (only if both succeeded)
     COMMIT
     PUT _manifests/<batch>.json; DELETE _pending/<batch>.json
 
 Any failure before COMMIT rolls back and removes what the batch wrote, so the
-database is unchanged. A failure *during* COMMIT leaves the files and marker
+database is unchanged. On PostgreSQL the next batch is locked, read and encoded
+on a second connection while this one runs (read-ahead; nothing of it is
+written before this batch commits). A failure *during* COMMIT leaves the files and marker
 for recovery, which asks the ledger what happened.
 
 Which roots are expired is decided by the retention policy (``archiver.policy``):
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -99,6 +104,7 @@ Outcome = Literal["dry_run", "done", "stopped", "max_batches", "max_runtime", "f
 #: Locks and reads one batch's rows inside the batch transaction; None if none are left.
 Select = Callable[[AsyncConnection], Awaitable[BatchContent | None]]
 T = TypeVar("T")
+U = TypeVar("U")
 Role = Literal["archived", "reference"]
 STEPS = (
     "gathered", "marker", "file", "files", "verified", "deleted", "committed", "manifest", "done"
@@ -132,6 +138,9 @@ class RunOptions:
     sweeps: tuple[SweepName, ...] = DEFAULT_SWEEPS  # run after the run batches
     events_retention_period: timedelta = DEFAULT_EVENTS_RETENTION
     sweep_batch_size: int = 5000  # rows of the swept table per batch
+    #: PostgreSQL: lock and read the next batch on a second connection while this one
+    #: writes, verifies and deletes (SQLite has one writer, so it never reads ahead)
+    read_ahead: bool = True
 
     @property
     def cutoff(self) -> datetime:
@@ -338,6 +347,7 @@ async def _run(
         raise
     finally:
         if batcher is not None:
+            await batcher.drop_read_ahead()
             report.held_roots = sorted(batcher.held_roots)
             report.repointed_collections = batcher.repointed
     if options.vacuum and (report.batches or report.sweep_batches):
@@ -349,18 +359,21 @@ async def _run(
 
 async def _loop(batcher: _Batcher, watch: _Watch, report: RunReport) -> None:
     after: Root | None = None
-    while not watch.should_stop(report):
-        outcome = await batcher.run_one(after)
-        if outcome is None:
-            report.outcome = "done"
-            return
-        after, batch = outcome
-        if batch is None:
-            continue  # every root of this slice had a live subflow; move on
-        report.batches.append(batch)
-        report.skipped_roots.extend(batch.skipped_roots)
-        watch.batch_done(report, batch)
-        await watch.pause()
+    try:
+        while not watch.should_stop(report):
+            outcome = await batcher.run_one(after, read_ahead=watch.may_read_ahead(report))
+            if outcome is None:
+                report.outcome = "done"
+                return
+            after, batch = outcome
+            if batch is None:
+                continue  # every root of this slice had a live subflow; move on
+            report.batches.append(batch)
+            report.skipped_roots.extend(batch.skipped_roots)
+            watch.batch_done(report, batch)
+            await watch.pause()
+    finally:
+        await batcher.drop_read_ahead()  # a limit or a stop came first: release its locks
 
 
 @dataclass
@@ -388,6 +401,12 @@ class _Watch:
         else:
             return False
         return True
+
+    def may_read_ahead(self, report: RunReport) -> bool:
+        """Worth reading the batch after the next one while the next one runs: the
+        batch limit allows it (a stop or the runtime limit may still come first)."""
+        limit = self.options.max_batches
+        return limit is None or len(report.batches) + len(report.sweep_batches) + 1 < limit
 
     def batch_done(self, report: RunReport, batch: BatchReport) -> None:
         self.longest_batch = max(self.longest_batch, batch.seconds)
@@ -441,14 +460,21 @@ class _Batcher:
         self.selection = selection
         self.held_roots: set[str] = set()
         self.repointed = 0  # artifact collections re-pointed by committed transactions
+        # SQLite has one writer: a second batch's BEGIN IMMEDIATE would only wait.
+        self.overlap = options.read_ahead and engine.dialect.name == "postgresql"
+        self._ahead: tuple[Root | None, asyncio.Task[_Prepared | _Outcome]] | None = None
 
-    async def run_one(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
+    async def run_one(
+        self, after: Root | None, *, read_ahead: bool = False
+    ) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
 
         A batch that failed for a transient reason (lost connection, rows changed
         under it) was rolled back whole, so it is simply tried again, a few times.
+        With ``read_ahead`` (PostgreSQL), the batch after this one is locked, read
+        and encoded on a second connection while this one is written and deleted.
         """
-        return await self._retrying()(self._attempt, partial(self._in_transaction, after=after))
+        return await self._retrying()(self._run_next, after, read_ahead and self.overlap)
 
     async def run_selected(self, select: Select) -> BatchReport | None:
         """One batch of whatever ``select`` locks and returns inside the transaction.
@@ -479,10 +505,17 @@ class _Batcher:
             ) from None
 
     async def _attempt(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        try:
+        async def on_new_connection() -> T:
             async with self.engine.connect() as conn:
                 await write_transaction_options(conn)
                 return await work(conn)
+
+        return await self._guarded(on_new_connection())
+
+    async def _guarded(self, work: Awaitable[T]) -> T:
+        """``work``, with a database error turned into a BatchError that names the URL."""
+        try:
+            return await work
         except ArchiverError:
             raise
         except (SQLAlchemyError, OSError) as exc:
@@ -503,46 +536,114 @@ class _Batcher:
             await self._commit(transaction, "re-pointing artifact collections")
             self.repointed += len(content.repoints)
             return None
-        return await self._archive(conn, transaction, content, clock)
-
-    async def _in_transaction(
-        self, conn: AsyncConnection, after: Root | None
-    ) -> tuple[Root, BatchReport | None] | None:
-        clock = _Stopwatch()
-        transaction = await conn.begin()
-        selection = self.selection
-        roots = await lock_roots(
-            conn, selection.upper_cutoff, self.options.batch_size, after, selection
-        )
-        if not roots:
-            await transaction.rollback()
-            return None
-        last = roots[-1]
-        self.hook("selected", "")
-        gathered = await gather(
-            conn, self.schema, roots, legal_hold_tag=self.options.legal_hold_tag
-        )
-        self.held_roots.update(gathered.held_roots)
-        clock.lap("select")
-        if not gathered.roots:
-            await transaction.rollback()
-            return last, None
-        content = _run_content(gathered)
-        return last, await self._archive(conn, transaction, content, clock)
-
-    async def _archive(
-        self, conn: AsyncConnection, transaction: Any, content: BatchContent, clock: _Stopwatch
-    ) -> BatchReport:
-        """The commit protocol for one batch whose rows ``conn`` has locked."""
         await self._follow_collections(conn, content)
-        batch = _PlannedBatch(content, self.schema, self.options, self.source_id)
+        prepared = _Prepared(conn, transaction, None, self._plan(content), clock)
+        return await self._archive(prepared)
+
+    async def _run_next(
+        self, after: Root | None, read_ahead: bool
+    ) -> tuple[Root, BatchReport | None] | None:
+        prepared = await self._take_read_ahead(after)
+        if prepared is _NOT_READ:
+            prepared = await self._guarded(self._prepare(after, encode=False))
+        if not isinstance(prepared, _Prepared):
+            return prepared
+        try:
+            if read_ahead:  # only now: this batch holds every lock it will take
+                task = asyncio.create_task(self._guarded(self._prepare(prepared.last)))
+                self._ahead = (prepared.last, task)
+            prepared.clock.resume()  # a batch read ahead waited its turn: not its time
+            report = await self._guarded(self._archive(prepared))
+        except BaseException:
+            await _release(prepared.conn, prepared.transaction)  # first: the read-ahead
+            await self.drop_read_ahead()  # may be waiting for one of this batch's locks
+            raise
+        await _release(prepared.conn, None)
+        assert prepared.last is not None  # run batches know their keyset position
+        return prepared.last, report
+
+    async def _prepare(self, after: Root | None, *, encode: bool = True) -> _Prepared | _Outcome:
+        """Open a transaction, lock and read the batch after ``after``, plan its
+        artifact collections and (``encode``) encode its files.
+
+        When reading ahead this runs while the batch before is written and deleted
+        on its own connection. Its roots come after that batch's last root, so the
+        two share no run; a collection both touch was locked by the earlier batch
+        first, so this one waits for that commit and then plans on what it left.
+        Nothing is written anywhere here: a crash leaves nothing to recover.
+        """
+        clock = _Stopwatch()
+        conn = await self.engine.connect()
+        transaction = None
+        try:
+            await write_transaction_options(conn)
+            transaction = await conn.begin()
+            selection = self.selection
+            roots = await lock_roots(
+                conn, selection.upper_cutoff, self.options.batch_size, after, selection
+            )
+            if not roots:
+                await _release(conn, transaction)
+                return None
+            self.hook("selected", "")
+            gathered = await gather(
+                conn, self.schema, roots, legal_hold_tag=self.options.legal_hold_tag
+            )
+            self.held_roots.update(gathered.held_roots)
+            if not gathered.roots:
+                await _release(conn, transaction)
+                return roots[-1], None
+            content = _run_content(gathered)
+            await self._follow_collections(conn, content)
+            clock.lap("select")
+            prepared = _Prepared(conn, transaction, roots[-1], self._plan(content), clock)
+            if encode:
+                await prepared.encode()
+            return prepared
+        except BaseException:
+            await _release(conn, transaction)
+            raise
+
+    async def _take_read_ahead(self, after: Root | None) -> _Prepared | _Outcome | _NotRead:
+        """The batch read ahead after ``after`` (raising what it raised), if any."""
+        if self._ahead is None:
+            return _NOT_READ
+        if self._ahead[0] != after:  # a retried batch moved the keyset: start afresh
+            await self.drop_read_ahead()
+            return _NOT_READ
+        task = self._ahead[1]
+        self._ahead = None
+        return await task
+
+    async def drop_read_ahead(self) -> None:
+        """Roll back a batch read ahead that will not be archived. Idempotent."""
+        if self._ahead is None:
+            return
+        task = self._ahead[1]
+        self._ahead = None
+        with contextlib.suppress(Exception):
+            prepared = await task
+            if isinstance(prepared, _Prepared):
+                await _release(prepared.conn, prepared.transaction)
+
+    def _plan(self, content: BatchContent) -> _PlannedBatch:
+        return _PlannedBatch(content, self.schema, self.options, self.source_id)
+
+    async def _archive(self, prepared: _Prepared) -> BatchReport:
+        """The commit protocol for one batch whose rows its connection has locked."""
+        conn, transaction, batch, clock = (
+            prepared.conn, prepared.transaction, prepared.batch, prepared.clock
+        )  # fmt: skip
+        content = batch.content
         await ledger.hold_batch_lock(conn, batch.batch_id)
         self.hook("gathered", batch.batch_id)
         try:
-            records = await self._write_and_verify(batch, clock)
-            await delete_archived(conn, batch.ids_by_table(), cascade=content.kind == "runs")
-            await apply_repoints(conn, content.repoints)
-            self.hook("deleted", batch.batch_id)
+            # The DELETEs run while the files are written and verified: they stay
+            # uncommitted, and COMMIT comes only once both have succeeded.
+            records, _ = await _both(
+                self._write_and_verify(prepared), self._delete(conn, batch, clock)
+            )
+            clock.lap("wait")  # for the slower of the two, already counted in its stages
             manifest = batch.manifest(records)
             await ledger.record_commit(conn, batch.batch_id, manifest.to_json())
             clock.lap("delete")
@@ -558,6 +659,14 @@ class _Batcher:
         self.hook("done", batch.batch_id)
         return batch.report(manifest, clock)
 
+    async def _delete(self, conn: AsyncConnection, batch: _PlannedBatch, clock: _Stopwatch) -> None:
+        started = time.monotonic()
+        content = batch.content
+        await delete_archived(conn, batch.ids_by_table(), cascade=content.kind == "runs")
+        await apply_repoints(conn, content.repoints)
+        self.hook("deleted", batch.batch_id)
+        clock.record("delete", time.monotonic() - started)
+
     async def _follow_collections(self, conn: AsyncConnection, content: BatchContent) -> None:
         """Collections whose latest artifact leaves: archive them too, or re-point them."""
         artifacts = content.tables.get("artifact")
@@ -568,9 +677,8 @@ class _Batcher:
             content.tables["artifact_collection"] = archived
         content.repoints.extend(repoints)
 
-    async def _write_and_verify(self, batch: _PlannedBatch, clock: _Stopwatch) -> list[FileRecord]:
-        encoded = await asyncio.to_thread(batch.encode)
-        clock.lap("encode")
+    async def _write_and_verify(self, prepared: _Prepared) -> list[FileRecord]:
+        batch, clock, encoded = prepared.batch, prepared.clock, await prepared.encode()
         marker = PendingMarker(
             batch_id=batch.batch_id,
             source_id=self.source_id,
@@ -635,6 +743,19 @@ class _Batcher:
             ) from None
 
 
+async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """Run both at once; once both have ended, raise the first one's failure, if any.
+
+    Neither is cancelled when the other fails: the caller cleans up only after
+    every write and statement in flight has finished.
+    """
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for outcome in (one, two):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return one, two  # type: ignore[return-value]
+
+
 async def _in_threads(
     calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
     each: Callable[[T], None] | None = None,
@@ -654,6 +775,44 @@ async def _in_threads(
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
     return [task.result() for task in tasks]
+
+
+_Outcome = tuple[Root, "BatchReport | None"] | None
+_Encoded = dict[str, tuple[TableRows, Role, codec.EncodedFile]]
+
+
+class _NotRead(enum.Enum):
+    NOT_READ = "not read ahead"
+
+
+_NOT_READ = _NotRead.NOT_READ
+
+
+@dataclass
+class _Prepared:
+    """A batch locked and read in its open transaction; nothing of it written yet."""
+
+    conn: AsyncConnection
+    transaction: Any
+    last: Root | None  # the keyset position after it (run batches)
+    batch: _PlannedBatch
+    clock: _Stopwatch
+    encoded: _Encoded | None = None
+
+    async def encode(self) -> _Encoded:
+        if self.encoded is None:
+            self.encoded = await asyncio.to_thread(self.batch.encode)
+            self.clock.lap("encode")
+        return self.encoded
+
+
+async def _release(conn: AsyncConnection, transaction: Any) -> None:
+    """Roll back ``transaction`` if still open, and close ``conn``; never raises."""
+    with contextlib.suppress(SQLAlchemyError, OSError):
+        if transaction is not None and transaction.is_active:
+            await transaction.rollback()  # a dead connection has rolled back already
+    with contextlib.suppress(SQLAlchemyError, OSError):
+        await conn.close()
 
 
 class _PlannedBatch:
@@ -686,7 +845,7 @@ class _PlannedBatch:
     def ids_by_table(self) -> dict[str, list[str]]:
         return {table: rows.ids for table, rows in self.content.tables.items()}
 
-    def encode(self) -> dict[str, tuple[TableRows, Role, codec.EncodedFile]]:
+    def encode(self) -> _Encoded:
         encoded = {}
         for key, (rows, role) in self.files.items():
             metadata = {
@@ -761,6 +920,16 @@ class _Stopwatch:
     def lap(self, stage: str) -> None:
         now = time.monotonic()
         self.laps[stage] = self.laps.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def record(self, stage: str, seconds: float) -> None:
+        """Count time spent beside the laps (work running alongside them)."""
+        self.laps[stage] = self.laps.get(stage, 0.0) + seconds
+
+    def resume(self) -> None:
+        """Leave out the time since the last lap (a batch read ahead waiting its turn)."""
+        now = time.monotonic()
+        self.start += now - self.last
         self.last = now
 
     def total(self) -> float:

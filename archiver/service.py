@@ -36,6 +36,7 @@ def run_options(settings: Settings, *, dry_run: bool | None = None) -> RunOption
         batch_size=settings.batch_size,
         batch_interval=settings.batch_interval,
         max_batches=settings.max_batches,
+        read_ahead=settings.read_ahead,
         compression=settings.compression,
         dry_run=not settings.enabled if dry_run is None else dry_run,
         vacuum=settings.vacuum,

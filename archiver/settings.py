@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     max_batches: int | None = Field(
         default=None, ge=1, description="Stop after this many batches (default: until done)."
     )
+    read_ahead: bool = Field(
+        default=True,
+        description="PostgreSQL: read the next batch on a second connection while one is "
+        "written and deleted (false: one connection, one batch at a time).",
+    )
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = Field(
         default="zstd", description="Parquet compression codec."
     )

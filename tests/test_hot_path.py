@@ -87,8 +87,9 @@ def test_cascade_refuses_to_take_a_row_that_was_not_archived(postgres_database: 
     assert {table: db.ids(table) for table in RUN_TABLES} == before
 
 
+@pytest.mark.parametrize("read_ahead", [True, False])
 def test_a_fault_after_the_cascade_delete_rolls_back_only_that_batch(
-    postgres_database: Any, local_storage: Any
+    postgres_database: Any, local_storage: Any, read_ahead: bool
 ) -> None:
     db = postgres_database
     for hours in range(4):
@@ -112,9 +113,10 @@ def test_a_fault_after_the_cascade_delete_rolls_back_only_that_batch(
             raise RuntimeError("injected fault after the second DELETE")
 
     with pytest.raises(RuntimeError, match="injected fault"):
-        archive(db, local_storage, hook=hook, batch_size=1)
+        archive(db, local_storage, hook=hook, batch_size=1, read_ahead=read_ahead)
 
-    assert open_transactions[0] == 1, "one batch at a time (no read-ahead transaction)"
+    # with read-ahead, the next batch is locked and read in its own transaction meanwhile
+    assert open_transactions[0] == (2 if read_ahead else 1)
     assert db.count("flow_run", "parent_task_run_id IS NULL") == 3, "only batch 1 committed"
     assert_nothing_lost(db, local_storage, before)
     report = archive(db, local_storage, batch_size=1)
@@ -140,3 +142,54 @@ def test_a_value_copy_text_cannot_carry_falls_back_to_reading_rows(
     row = archived_rows(local_storage, "flow_run")[tree.root_id]
     # what asyncpg makes of 'infinity', as before COPY was used
     assert row["next_scheduled_start_time"] == datetime.max.replace(tzinfo=UTC)
+
+
+@pytest.mark.postgres
+def test_a_batch_read_ahead_plans_collections_on_what_the_batch_before_left(
+    postgres_database: Any, local_storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 1 archives the latest artifact of key "report" and re-points the collection to
+    the next newest, which batch 2 (read ahead meanwhile) archives. Batch 2 must wait for
+    batch 1's lock on the collection and plan on the committed row: re-point it again to
+    the one that remains. Planned on the row it saw before batch 1 committed, it would leave
+    the collection pointing at a deleted artifact."""
+    from archiver import pipeline
+
+    db = postgres_database
+    trees = [  # kept, then batch 2, then batch 1 (roots go oldest end_time first)
+        factory.make_tree(db, end_time=end_time)
+        for end_time in (NOW - timedelta(days=1), EXPIRED, EXPIRED - timedelta(days=1))
+    ]
+    kept, second, first = [  # created in this order: batch 1's is the newest
+        factory.make_artifact(db, tree.root_id, key="report", created=NOW + timedelta(minutes=i))
+        for i, tree in enumerate(trees)
+    ]
+    before = {table: db.ids(table) for table in RUN_TABLES}
+    events: list[str] = []
+    plan, repoint = pipeline.plan_collections, pipeline.apply_repoints
+
+    async def planning(conn: Any, schema: Any, artifacts: Any) -> Any:
+        which = "2" if second in artifacts.ids else "1"
+        events.append(f"plan {which} starts")
+        planned = await plan(conn, schema, artifacts)
+        events.append(f"plan {which} ends")
+        return planned
+
+    async def slow_repoint(conn: Any, repoints: Any) -> None:
+        if repoints and repoints[0].old_latest_id == first:
+            await asyncio.sleep(0.5)  # batch 1 holds the collection: let batch 2 reach it
+            events.append("batch 1 re-points")
+        await repoint(conn, repoints)
+
+    monkeypatch.setattr(pipeline, "plan_collections", planning)
+    monkeypatch.setattr(pipeline, "apply_repoints", slow_repoint)
+    report = archive(db, local_storage, batch_size=1, sweeps=())
+
+    assert report.archived_roots == 2
+    assert events.index("plan 2 starts") < events.index("batch 1 re-points"), events
+    assert events.index("batch 1 re-points") < events.index("plan 2 ends"), events
+    latest = db.rows("SELECT latest_id FROM artifact_collection WHERE \"key\" = 'report'")
+    assert [str(row["latest_id"]) for row in latest] == [kept]
+    assert report.repointed_collections == 2
+    assert_nothing_lost(db, local_storage, before)
+    assert_archive_consistent(db, local_storage)
