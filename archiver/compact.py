@@ -412,9 +412,7 @@ def _merge(
     for table in tables:
         if schema is None:
             schema = table.schema.with_metadata(_metadata(table.schema, group))
-            writer = pq.ParquetWriter(
-                sink, schema, compression=None if compression == "none" else compression
-            )
+            writer = pq.ParquetWriter(sink, schema, **codec.parquet_options(compression))
         buffered.append(_conform(table, schema, inputs[0].table))
         ids.extend(str(i) for i in table.column("id").to_pylist())
         if sum(t.nbytes for t in buffered) >= _ROW_GROUP_BYTES:

@@ -807,10 +807,17 @@ class _Prepared:
 
 
 async def _release(conn: AsyncConnection, transaction: Any) -> None:
-    """Roll back ``transaction`` if still open, and close ``conn``; never raises."""
-    with contextlib.suppress(SQLAlchemyError, OSError):
+    """Roll back ``transaction`` if still open, and close ``conn``; never raises.
+
+    A connection that cannot roll back (dropped, or stopped mid-COPY) is discarded
+    rather than handed back to the pool.
+    """
+    try:
         if transaction is not None and transaction.is_active:
-            await transaction.rollback()  # a dead connection has rolled back already
+            await transaction.rollback()
+    except (SQLAlchemyError, OSError):
+        with contextlib.suppress(SQLAlchemyError, OSError):
+            await conn.invalidate()
     with contextlib.suppress(SQLAlchemyError, OSError):
         await conn.close()
 

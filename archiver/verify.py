@@ -57,7 +57,7 @@ def check_written(
     facts = codec.read_facts(data)
     if facts.rows != len(ids):
         raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(ids)}")
-    if len(set(facts.ids)) != len(facts.ids) or set(facts.ids) != set(ids):
+    if not facts.holds_exactly(ids):
         raise VerificationError(f"{where} does not hold exactly the primary keys selected")
     return FileRecord(
         table=table, key=key, rows=facts.rows, bytes=len(data), sha256=sha256, role=role

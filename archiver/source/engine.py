@@ -197,6 +197,11 @@ def translate_error(error: BaseException, url: str) -> DatabaseError:
             f"lost the connection to the database at {where}: {text}",
             hint="check that the database server is up, then run archiver again",
         )
+    if name == "InternalClientError":  # asyncpg, on a session the server ended under it
+        return TransientDatabaseError(
+            f"the connection to the database at {where} broke mid-statement: {text}",
+            hint="check that the database server is up, then run archiver again",
+        )
     if sqlstate in _CONFLICTS:
         return TransientDatabaseError(
             f"the database stopped a statement that conflicted with other work: {text}",
