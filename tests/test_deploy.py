@@ -227,7 +227,10 @@ def test_prefect_deployment_archives_the_database_of_its_own_server(
         )  # fmt: skip
         schedules = [s["schedule"].get("cron") for s in deployment["schedules"]]
         assert schedules == ["0 3 * * *"]
-        flow_run = api(base, f"/deployments/{deployment['id']}/create_flow_run", {})
+        flow_run = wait_until(  # retried: under load Prefect answers 503 (SQLite busy)
+            lambda: api(base, f"/deployments/{deployment['id']}/create_flow_run", {}),
+            "a flow run of the deployment", 30, server, serving,
+        )  # fmt: skip
 
         def finished() -> Any:
             state = api(base, f"/flow_runs/{flow_run['id']}")["state"]
