@@ -41,6 +41,7 @@ import contextlib
 import enum
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -138,9 +139,9 @@ class RunOptions:
     sweeps: tuple[SweepName, ...] = DEFAULT_SWEEPS  # run after the run batches
     events_retention_period: timedelta = DEFAULT_EVENTS_RETENTION
     sweep_batch_size: int = 5000  # rows of the swept table per batch
-    #: PostgreSQL: lock and read the next batch on a second connection while this one
-    #: writes, verifies and deletes (SQLite has one writer, so it never reads ahead)
-    read_ahead: bool = True
+    #: PostgreSQL: batches locked, read and encoded on their own connections while one
+    #: is written and deleted (0: none; SQLite has one writer, so it never reads ahead)
+    read_ahead: int = 1
 
     @property
     def cutoff(self) -> datetime:
@@ -361,7 +362,7 @@ async def _loop(batcher: _Batcher, watch: _Watch, report: RunReport) -> None:
     after: Root | None = None
     try:
         while not watch.should_stop(report):
-            outcome = await batcher.run_one(after, read_ahead=watch.may_read_ahead(report))
+            outcome = await batcher.run_one(after, may_follow=watch.may_follow(report))
             if outcome is None:
                 report.outcome = "done"
                 return
@@ -402,11 +403,15 @@ class _Watch:
             return False
         return True
 
-    def may_read_ahead(self, report: RunReport) -> bool:
-        """Worth reading the batch after the next one while the next one runs: the
-        batch limit allows it (a stop or the runtime limit may still come first)."""
+    def may_follow(self, report: RunReport) -> int | None:
+        """How many batches the batch limit lets follow the next one (None: no limit).
+
+        Batches read ahead beyond a stop or the runtime limit are rolled back unused.
+        """
         limit = self.options.max_batches
-        return limit is None or len(report.batches) + len(report.sweep_batches) + 1 < limit
+        if limit is None:
+            return None
+        return max(limit - len(report.batches) - len(report.sweep_batches) - 1, 0)
 
     def batch_done(self, report: RunReport, batch: BatchReport) -> None:
         self.longest_batch = max(self.longest_batch, batch.seconds)
@@ -461,20 +466,24 @@ class _Batcher:
         self.held_roots: set[str] = set()
         self.repointed = 0  # artifact collections re-pointed by committed transactions
         # SQLite has one writer: a second batch's BEGIN IMMEDIATE would only wait.
-        self.overlap = options.read_ahead and engine.dialect.name == "postgresql"
-        self._ahead: tuple[Root | None, asyncio.Task[_Prepared | _Outcome]] | None = None
+        self.read_ahead = options.read_ahead if engine.dialect.name == "postgresql" else 0
+        self._ahead: deque[tuple[Root, asyncio.Task[_Prepared | _Outcome]]] = deque()
+        self._may_follow: int | None = None  # batches the batch limit still allows
+        self._stalled: Root | None = None  # the last root of a batch whose successor waits
+        self._generation = 0  # bumped when the batches read ahead are dropped
 
     async def run_one(
-        self, after: Root | None, *, read_ahead: bool = False
+        self, after: Root | None, *, may_follow: int | None = 0
     ) -> tuple[Root, BatchReport | None] | None:
         """Archive the next batch after ``after``; None when nothing is left.
 
         A batch that failed for a transient reason (lost connection, rows changed
         under it) was rolled back whole, so it is simply tried again, a few times.
-        With ``read_ahead`` (PostgreSQL), the batch after this one is locked, read
-        and encoded on a second connection while this one is written and deleted.
+        On PostgreSQL up to ``read_ahead`` of the batches after it (and no more than
+        ``may_follow``) are locked, read and encoded on their own connections meanwhile.
         """
-        return await self._retrying()(self._run_next, after, read_ahead and self.overlap)
+        self._may_follow = may_follow
+        return await self._retrying()(self._run_next, after)
 
     async def run_selected(self, select: Select) -> BatchReport | None:
         """One batch of whatever ``select`` locks and returns inside the transaction.
@@ -540,37 +549,36 @@ class _Batcher:
         prepared = _Prepared(conn, transaction, None, self._plan(content), clock)
         return await self._archive(prepared)
 
-    async def _run_next(
-        self, after: Root | None, read_ahead: bool
-    ) -> tuple[Root, BatchReport | None] | None:
+    async def _run_next(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
         prepared = await self._take_read_ahead(after)
         if prepared is _NOT_READ:
-            prepared = await self._guarded(self._prepare(after, encode=False))
+            prepared = await self._guarded(self._prepare(after, self._generation, encode=False))
         if not isinstance(prepared, _Prepared):
             return prepared
         try:
-            if read_ahead:  # only now: this batch holds every lock it will take
-                task = asyncio.create_task(self._guarded(self._prepare(prepared.last)))
-                self._ahead = (prepared.last, task)
             prepared.clock.resume()  # a batch read ahead waited its turn: not its time
             report = await self._guarded(self._archive(prepared))
         except BaseException:
-            await _release(prepared.conn, prepared.transaction)  # first: the read-ahead
+            await _release(prepared.conn, prepared.transaction)  # first: a batch read ahead
             await self.drop_read_ahead()  # may be waiting for one of this batch's locks
             raise
         await _release(prepared.conn, None)
         assert prepared.last is not None  # run batches know their keyset position
         return prepared.last, report
 
-    async def _prepare(self, after: Root | None, *, encode: bool = True) -> _Prepared | _Outcome:
+    async def _prepare(
+        self, after: Root | None, generation: int, *, encode: bool = True
+    ) -> _Prepared | _Outcome:
         """Open a transaction, lock and read the batch after ``after``, plan its
         artifact collections and (``encode``) encode its files.
 
-        When reading ahead this runs while the batch before is written and deleted
-        on its own connection. Its roots come after that batch's last root, so the
-        two share no run; a collection both touch was locked by the earlier batch
-        first, so this one waits for that commit and then plans on what it left.
-        Nothing is written anywhere here: a crash leaves nothing to recover.
+        Once it holds every lock it will take, the batch after it may start
+        (:meth:`_locked`). A batch read ahead runs while the batches before it are
+        written and deleted on their own connections. Its roots come after theirs,
+        so they share no run; a collection two batches touch was locked by the
+        earlier one first, so the later one waits for that COMMIT and then plans on
+        what it left. Nothing is written anywhere here: a crash leaves nothing to
+        recover.
         """
         clock = _Stopwatch()
         conn = await self.engine.connect()
@@ -592,9 +600,11 @@ class _Batcher:
             self.held_roots.update(gathered.held_roots)
             if not gathered.roots:
                 await _release(conn, transaction)
+                self._locked(roots[-1], generation)
                 return roots[-1], None
             content = _run_content(gathered)
             await self._follow_collections(conn, content)
+            self._locked(roots[-1], generation)
             clock.lap("select")
             prepared = _Prepared(conn, transaction, roots[-1], self._plan(content), clock)
             if encode:
@@ -604,27 +614,43 @@ class _Batcher:
             await _release(conn, transaction)
             raise
 
+    def _locked(self, last: Root, generation: int) -> None:
+        """A batch ending at ``last`` holds all its locks: the next may start reading,
+        unless enough are read ahead already (then it starts when one is taken)."""
+        if generation != self._generation:
+            return  # its pipeline was dropped
+        room = (
+            self.read_ahead if self._may_follow is None else min(self.read_ahead, self._may_follow)
+        )
+        if len(self._ahead) >= room:
+            self._stalled = last
+            return
+        self._stalled = None
+        task = asyncio.create_task(self._guarded(self._prepare(last, generation)))
+        self._ahead.append((last, task))
+
     async def _take_read_ahead(self, after: Root | None) -> _Prepared | _Outcome | _NotRead:
         """The batch read ahead after ``after`` (raising what it raised), if any."""
-        if self._ahead is None:
+        if not self._ahead:
             return _NOT_READ
-        if self._ahead[0] != after:  # a retried batch moved the keyset: start afresh
+        if self._ahead[0][0] != after:  # a retried batch moved the keyset: start afresh
             await self.drop_read_ahead()
             return _NOT_READ
-        task = self._ahead[1]
-        self._ahead = None
+        _, task = self._ahead.popleft()
+        if self._stalled is not None:
+            self._locked(self._stalled, self._generation)
         return await task
 
     async def drop_read_ahead(self) -> None:
-        """Roll back a batch read ahead that will not be archived. Idempotent."""
-        if self._ahead is None:
-            return
-        task = self._ahead[1]
-        self._ahead = None
-        with contextlib.suppress(Exception):
-            prepared = await task
-            if isinstance(prepared, _Prepared):
-                await _release(prepared.conn, prepared.transaction)
+        """Roll back the batches read ahead that will not be archived. Idempotent."""
+        self._generation += 1  # their own successors are not started any more
+        self._stalled = None
+        while self._ahead:
+            _, task = self._ahead.popleft()
+            with contextlib.suppress(Exception):
+                prepared = await task
+                if isinstance(prepared, _Prepared):
+                    await _release(prepared.conn, prepared.transaction)
 
     def _plan(self, content: BatchContent) -> _PlannedBatch:
         return _PlannedBatch(content, self.schema, self.options, self.source_id)

@@ -76,10 +76,12 @@ class Settings(BaseSettings):
     max_batches: int | None = Field(
         default=None, ge=1, description="Stop after this many batches (default: until done)."
     )
-    read_ahead: bool = Field(
-        default=True,
-        description="PostgreSQL: read the next batch on a second connection while one is "
-        "written and deleted (false: one connection, one batch at a time).",
+    read_ahead: int = Field(
+        default=1,
+        ge=0,
+        le=4,
+        description="PostgreSQL: batches locked, read and encoded ahead, each on its own "
+        "connection, while one is written and deleted (0: one batch at a time).",
     )
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = Field(
         default="zstd", description="Parquet compression codec."
