@@ -38,6 +38,10 @@ async def recover(engine: AsyncEngine, storage: Storage, source_id: str | None =
     try:
         messages = []
         for key in await asyncio.to_thread(storage.list, PENDING_DIR):
+            if batch_id := _partial_marker_batch(key):
+                message = await _drop_partial_marker(engine, storage, key, batch_id)
+                messages += [message] if message else []
+                continue
             if not key.endswith(".json"):
                 continue
             try:
@@ -82,6 +86,28 @@ async def _resolve(
             # Storage work happens while we hold the batch's lock, so no second
             # recoverer can act on the same batch at the same time.
             return await asyncio.to_thread(_settle, storage, marker_key, marker, committed)
+
+
+def _partial_marker_batch(key: str) -> str | None:
+    """The batch id of a marker a crash left half-written on a local disk, if ``key`` is one."""
+    name = key.removeprefix(f"{PENDING_DIR}/")
+    if name.startswith(".") and name.endswith(".json.partial"):
+        return name[1 : -len(".json.partial")]
+    return None
+
+
+async def _drop_partial_marker(
+    engine: AsyncEngine, storage: Storage, key: str, batch_id: str
+) -> str | None:
+    """A batch writes no data file before its marker is complete, so a half-written
+    marker whose batch is no longer running stands for nothing: remove it."""
+    async with engine.connect() as conn:
+        await write_transaction_options(conn)
+        async with conn.begin():
+            if await ledger.batch_in_flight(conn, batch_id):
+                return None
+            await asyncio.to_thread(storage.delete, key)
+    return f"batch {batch_id} had stopped while writing its marker: removed the partial marker"
 
 
 def _settle(storage: Storage, marker_key: str, marker: PendingMarker, committed: str | None) -> str:

@@ -165,3 +165,42 @@ def test_restore_killed_mid_rewrite_is_resolved(database: Any, storage: Any, ste
     restored = trees[0].root_id in database.ids("flow_run")
     assert restored == (step == "committed")
     finish_and_check(database, storage, before)  # recovery, then the backlog again
+
+
+def _partial_marker(storage: Any, batch_id: str) -> Path:
+    """What a kill while writing a batch's marker leaves on a local disk."""
+    path = Path(storage.url) / "_pending" / f".{batch_id}.json.partial"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"batch_id": "')  # cut short
+    return path
+
+
+def test_a_half_written_marker_is_removed_by_recovery(database: Any, local_storage: Any) -> None:
+    before = make_backlog(database)
+    partial = _partial_marker(local_storage, "20260101T000000Z-0123456789ab")
+
+    report = archive(database, local_storage, batch_size=2)
+
+    assert not partial.exists()
+    assert any("while writing its marker" in message for message in report.recovered)
+    assert_nothing_lost(database, local_storage, before)
+    assert_archive_consistent(database, local_storage)
+
+
+@pytest.mark.postgres
+def test_a_half_written_marker_of_a_running_batch_is_left_alone(
+    postgres_database: Any, local_storage: Any
+) -> None:
+    from sqlalchemy import text
+
+    from archiver.source.ledger import _lock_key
+
+    batch_id = "20260101T000000Z-0123456789ab"
+    partial = _partial_marker(local_storage, batch_id)
+    with postgres_database.engine.connect() as other:  # the batch's own archiver, alive
+        other.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _lock_key(batch_id)})
+        archive(postgres_database, local_storage)
+        assert partial.exists()
+        other.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_key(batch_id)})
+    archive(postgres_database, local_storage)
+    assert not partial.exists()
