@@ -60,12 +60,15 @@ def _use_jemalloc() -> None:
     A batch's buffers live for a second; mimalloc (pyarrow's default on Linux)
     keeps a heap per thread, and reading, encoding, uploading and verifying run
     in several threads. Measured on 10k runs: peak RSS 358 MB with mimalloc,
-    240 MB with jemalloc, which hands freed pages back to the OS.
+    240 MB with jemalloc, which hands freed pages back to the OS. Its decay time is
+    cut to 100 ms (from 1 s): with a batch read ahead, PostgreSQL to S3 at 100k runs
+    peaked at 319 MB; at 10k runs, 298 MB with the default decay, 269 MB with 100 ms.
     """
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
     with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc
         pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(100)
 
 
 _use_jemalloc()
