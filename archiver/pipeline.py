@@ -19,8 +19,8 @@ A batch is one database transaction around storage work (the commit protocol,
 Any failure before COMMIT rolls back and removes what the batch wrote, so the
 database is unchanged. On PostgreSQL the next batch is locked, read and encoded
 on a second connection while this one runs (read-ahead; nothing of it is
-written before this batch commits). A failure *during* COMMIT leaves the files and marker
-for recovery, which asks the ledger what happened.
+written before this batch commits). A failure *during* COMMIT leaves the files
+and marker for recovery, which asks the ledger what happened.
 
 Which roots are expired is decided by the retention policy (``archiver.policy``):
 ordered rules, the global ``retention_period`` for the runs no rule matches, and
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import secrets
 import time
 from collections import deque
@@ -550,9 +549,11 @@ class _Batcher:
         return await self._archive(prepared)
 
     async def _run_next(self, after: Root | None) -> tuple[Root, BatchReport | None] | None:
-        prepared = await self._take_read_ahead(after)
-        if prepared is _NOT_READ:
+        read_ahead = await self._take_read_ahead(after)
+        if read_ahead is None:
             prepared = await self._guarded(self._prepare(after, self._generation, encode=False))
+        else:
+            prepared = await read_ahead  # raises what reading it raised
         if not isinstance(prepared, _Prepared):
             return prepared
         try:
@@ -629,17 +630,19 @@ class _Batcher:
         task = asyncio.create_task(self._guarded(self._prepare(last, generation)))
         self._ahead.append((last, task))
 
-    async def _take_read_ahead(self, after: Root | None) -> _Prepared | _Outcome | _NotRead:
-        """The batch read ahead after ``after`` (raising what it raised), if any."""
+    async def _take_read_ahead(
+        self, after: Root | None
+    ) -> asyncio.Task[_Prepared | _Outcome] | None:
+        """The reading of the batch after ``after``, if it was started ahead."""
         if not self._ahead:
-            return _NOT_READ
+            return None
         if self._ahead[0][0] != after:  # a retried batch moved the keyset: start afresh
             await self.drop_read_ahead()
-            return _NOT_READ
+            return None
         _, task = self._ahead.popleft()
         if self._stalled is not None:
             self._locked(self._stalled, self._generation)
-        return await task
+        return task
 
     async def drop_read_ahead(self) -> None:
         """Roll back the batches read ahead that will not be archived. Idempotent."""
@@ -719,10 +722,12 @@ class _Batcher:
         await _in_threads(puts, lambda _: self.hook("file", batch.batch_id))
         self.hook("files", batch.batch_id)
         clock.lap("upload")
-        checks = [
-            (check_written, (self.storage, key, rows.shape.name, role, rows.ids, file.sha256))
-            for key, (rows, role, file) in encoded.items()
-        ]
+        checks = []
+        for key, (rows, role, file) in encoded.items():
+            table = rows.shape.name
+            checks.append(
+                (check_written, (self.storage, key, table, role, batch.ids[table], file.sha256))
+            )
         records: list[FileRecord] = await _in_threads(checks)
         self.hook("verified", batch.batch_id)
         clock.lap("verify")
@@ -807,13 +812,6 @@ _Outcome = tuple[Root, "BatchReport | None"] | None
 _Encoded = dict[str, tuple[TableRows, Role, codec.EncodedFile]]
 
 
-class _NotRead(enum.Enum):
-    NOT_READ = "not read ahead"
-
-
-_NOT_READ = _NotRead.NOT_READ
-
-
 @dataclass
 class _Prepared:
     """A batch locked and read in its open transaction; nothing of it written yet."""
@@ -871,12 +869,15 @@ class _PlannedBatch:
             for rows, role in tables
             if len(rows)
         }
+        # Once per batch: both the DELETEs and the read-back checks need them.
+        self.ids = {rows.shape.name: rows.ids for rows, _ in tables}
 
     def data_keys(self) -> list[str]:
         return list(self.files)
 
     def ids_by_table(self) -> dict[str, list[str]]:
-        return {table: rows.ids for table, rows in self.content.tables.items()}
+        """The archived tables' ids (references are not deleted)."""
+        return {table: self.ids[table] for table in self.content.tables}
 
     def encode(self) -> _Encoded:
         encoded = {}

@@ -19,14 +19,17 @@ batch holds for its whole life, so anything found unlocked is abandoned.
 from __future__ import annotations
 
 import asyncio
+import posixpath
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from archiver.manifest import BatchManifest, PendingMarker
 from archiver.source import ledger
 from archiver.source.engine import translate_error, write_transaction_options
-from archiver.storage import PENDING_DIR, MissingKeyError, Storage, manifest_key
+from archiver.storage import PENDING_DIR, MissingKeyError, Storage, manifest_key, partial_target
 
 
 async def recover(engine: AsyncEngine, storage: Storage, source_id: str | None = None) -> list[str]:
@@ -38,8 +41,9 @@ async def recover(engine: AsyncEngine, storage: Storage, source_id: str | None =
     try:
         messages = []
         for key in await asyncio.to_thread(storage.list, PENDING_DIR):
-            if batch_id := _partial_marker_batch(key):
-                message = await _drop_partial_marker(engine, storage, key, batch_id)
+            target = partial_target(key)
+            if target is not None and target.endswith(".json"):
+                message = await _drop_partial_marker(engine, storage, key, target)
                 messages += [message] if message else []
                 continue
             if not key.endswith(".json"):
@@ -77,37 +81,37 @@ async def ensure_source(engine: AsyncEngine) -> str:
 async def _resolve(
     engine: AsyncEngine, storage: Storage, marker_key: str, marker: PendingMarker
 ) -> str | None:
-    async with engine.connect() as conn:
-        await write_transaction_options(conn)
-        async with conn.begin():
-            if await ledger.batch_in_flight(conn, marker.batch_id):
-                return None
-            committed = await ledger.committed_manifest(conn, marker.batch_id)
-            # Storage work happens while we hold the batch's lock, so no second
-            # recoverer can act on the same batch at the same time.
-            return await asyncio.to_thread(_settle, storage, marker_key, marker, committed)
-
-
-def _partial_marker_batch(key: str) -> str | None:
-    """The batch id of a marker a crash left half-written on a local disk, if ``key`` is one."""
-    name = key.removeprefix(f"{PENDING_DIR}/")
-    if name.startswith(".") and name.endswith(".json.partial"):
-        return name[1 : -len(".json.partial")]
-    return None
+    async with _unless_in_flight(engine, marker.batch_id) as conn:
+        if conn is None:
+            return None
+        committed = await ledger.committed_manifest(conn, marker.batch_id)
+        # Storage work happens while we hold the batch's lock, so no second
+        # recoverer can act on the same batch at the same time.
+        return await asyncio.to_thread(_settle, storage, marker_key, marker, committed)
 
 
 async def _drop_partial_marker(
-    engine: AsyncEngine, storage: Storage, key: str, batch_id: str
+    engine: AsyncEngine, storage: Storage, key: str, marker_key: str
 ) -> str | None:
     """A batch writes no data file before its marker is complete, so a half-written
     marker whose batch is no longer running stands for nothing: remove it."""
+    batch_id = posixpath.basename(marker_key).removesuffix(".json")
+    async with _unless_in_flight(engine, batch_id) as conn:
+        if conn is None:
+            return None
+        await asyncio.to_thread(storage.delete, key)
+    return f"batch {batch_id} had stopped while writing its marker: removed the partial marker"
+
+
+@asynccontextmanager
+async def _unless_in_flight(
+    engine: AsyncEngine, batch_id: str
+) -> AsyncIterator[AsyncConnection | None]:
+    """A write transaction in which ``batch_id`` is known not to be running (None if it is)."""
     async with engine.connect() as conn:
         await write_transaction_options(conn)
         async with conn.begin():
-            if await ledger.batch_in_flight(conn, batch_id):
-                return None
-            await asyncio.to_thread(storage.delete, key)
-    return f"batch {batch_id} had stopped while writing its marker: removed the partial marker"
+            yield None if await ledger.batch_in_flight(conn, batch_id) else conn
 
 
 def _settle(storage: Storage, marker_key: str, marker: PendingMarker, committed: str | None) -> str:

@@ -118,10 +118,7 @@ class Storage:
     def delete(self, key: str) -> None:
         """Remove ``key`` (and a local partial write of it); a missing key is fine."""
         path = self.path(key)
-        doomed = [path]
-        if self.is_local:
-            folder, name = posixpath.split(path)
-            doomed.append(f"{folder}/.{name}.partial")
+        doomed = [path, _partial_path(path)] if self.is_local else [path]
         with self._translate("deleting", key):
             self.fs.invalidate_cache()
             for victim in doomed:
@@ -190,9 +187,9 @@ def _write_durably(path: str, data: bytes) -> None:
 
     The database COMMIT that follows is durable, so the archive must be too.
     """
-    folder, name = posixpath.split(path)
+    folder = posixpath.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    temporary = f"{folder}/.{name}.partial"
+    temporary = _partial_path(path)
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -204,6 +201,20 @@ def _write_durably(path: str, data: bytes) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _partial_path(path: str) -> str:
+    """Where a local write of ``path`` goes before it is renamed into place."""
+    folder, name = posixpath.split(path)
+    return f"{folder}/.{name}.partial"
+
+
+def partial_target(key: str) -> str | None:
+    """The key that ``key`` is a half-done local write of, if it is one."""
+    folder, name = posixpath.split(key)
+    if not (name.startswith(".") and name.endswith(".partial")):
+        return None
+    return posixpath.join(folder, name[1 : -len(".partial")])
 
 
 def _one_line(exc: BaseException) -> str:

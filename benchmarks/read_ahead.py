@@ -18,7 +18,6 @@ import tempfile
 import time
 
 from benchmarks import run as bench
-from benchmarks.generate import Target
 
 
 def _busy_ticks() -> tuple[int, int]:
@@ -28,19 +27,11 @@ def _busy_ticks() -> tuple[int, int]:
 
 
 def measure(database_url: str, depth: int, batch_size: int) -> str:
-    from archiver import RunOptions, run
-    from archiver.source.engine import DatabaseOptions
+    from archiver import run
 
     with tempfile.TemporaryDirectory() as folder:
-        options = RunOptions(
-            database=DatabaseOptions(Target.parse(database_url).async_url),
-            storage_url=folder,
-            retention_period=bench.RETENTION,
-            batch_size=batch_size,
-            batch_interval=0,
-            dry_run=False,
-            now=bench.NOW,
-        )
+        spec = bench.Spec("postgres", bench.ARCHIVER, "local", database_url, batch_size, folder)
+        options = bench.run_options(spec)
         busy, total = _busy_ticks()
         cpu, started = os.times(), time.monotonic()
         report = asyncio.run(run(dataclasses.replace(options, read_ahead=depth)))

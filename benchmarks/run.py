@@ -58,12 +58,15 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import psycopg
 from psycopg import sql as pgsql
 
 from benchmarks.generate import TABLES, Target, count_rows, create_schema, generate
+
+if TYPE_CHECKING:  # archiver is imported in the measuring child only (its imports are not timed)
+    from archiver import RunOptions
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -277,12 +280,12 @@ def _tenths(seconds: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(seconds[:tenth]), statistics.fmean(seconds[-tenth:])
 
 
-def archive(spec: Spec) -> Work:
-    """One archiver run through its library entry point, as the CLI would make it."""
-    from archiver import RunOptions, run
+def run_options(spec: Spec) -> RunOptions:
+    """archiver's options for one measurement, as the CLI would make them."""
+    from archiver import RunOptions
     from archiver.source.engine import DatabaseOptions
 
-    options = RunOptions(
+    return RunOptions(
         database=DatabaseOptions(Target.parse(spec.database_url).async_url),
         storage_url=spec.storage_url,
         storage_options=spec.storage_options,
@@ -292,7 +295,13 @@ def archive(spec: Spec) -> Work:
         dry_run=False,
         now=NOW,
     )
-    report = asyncio.run(run(options))
+
+
+def archive(spec: Spec) -> Work:
+    """One archiver run through its library entry point."""
+    from archiver import run
+
+    report = asyncio.run(run(run_options(spec)))
     stages = {s: sum(b.stages.get(s, 0.0) for b in report.batches) for s in STAGES}
     return Work([b.seconds for b in report.batches], report.bytes, stages, report.rows)
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,3 +82,53 @@ def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@contextlib.contextmanager
+def moto_process(env: dict[str, str]) -> Iterator[str]:
+    """A moto S3 server in its own process with ``env`` (e.g. IAM checks on); its endpoint."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def fail_at(step: str) -> StepHook:
+    """A hook that raises at ``step`` (an exception in process, not a kill)."""
+
+    def fail(seen_step: str, batch_id: str) -> None:
+        if seen_step == step:
+            raise RuntimeError(f"injected fault at {step}")
+
+    return fail
+
+
+def killed_at(kill_at: str, imports: str, call: str, cwd: Path) -> None:
+    """Run ``call`` (Python, with a ``hook`` in scope) in a child that SIGKILLs itself at
+    step ``kill_at``; assert that it was killed there."""
+    script = (
+        f"import asyncio, os, signal\n{imports}\n"
+        "def hook(step, _):\n"
+        f"    if step == {kill_at!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"{call}\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.storage import Storage
 from archiver.verify import list_batches, verify_archive
 from tests import factory
-from tests.helpers import EXPIRED, archive, write_config
+from tests.helpers import EXPIRED, archive, fail_at, killed_at, write_config
 from tests.oracle import (
     RUN_TABLES,
     assert_archive_consistent,
@@ -195,19 +192,15 @@ def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
 
 
 def compact_in_child(db: Any, storage: Any, kill_at: str) -> None:
-    script = (
-        "import asyncio, os, signal\n"
+    killed_at(
+        kill_at,
         "from archiver.compact import CompactOptions, compact\n"
-        "from archiver.source.engine import DatabaseOptions\n"
-        "def hook(step, _):\n"
-        f"    if step == {kill_at!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from archiver.source.engine import DatabaseOptions",
         f"options = CompactOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
         f"{storage.options!r})\n"
-        "asyncio.run(compact(options, hook))\n"
+        "asyncio.run(compact(options, hook))",
+        ROOT,
     )
-    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
 def check_after_fault(db: Any, storage: Any, before: dict[str, set[str]], step: str) -> None:
@@ -247,12 +240,8 @@ def test_exception_at_compaction_steps(database: Any, local_storage: Any, step: 
     before = {table: database.ids(table) for table in RUN_TABLES}
     archive(database, local_storage, batch_size=1)
 
-    def fail(seen: str, batch_id: str) -> None:
-        if seen == step:
-            raise RuntimeError(f"injected fault at {step}")
-
     with pytest.raises(RuntimeError, match="injected fault"):
-        compact_archive(database, local_storage, hook=fail)
+        compact_archive(database, local_storage, hook=fail_at(step))
 
     if STEPS.index(step) < STEPS.index("committed"):  # undone at once, old batches intact
         assert len(batches(local_storage)) == 4

@@ -26,7 +26,7 @@ from archiver.recovery import recover
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.storage import Storage
 from tests import factory
-from tests.helpers import EXPIRED, RETENTION, archive
+from tests.helpers import EXPIRED, RETENTION, archive, fail_at, killed_at
 from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +84,8 @@ def test_sigkill_at_every_step(database: Any, storage: Any, step: str) -> None:
 def test_exception_at_every_step(database: Any, storage: Any, step: str) -> None:
     before = make_backlog(database)
 
-    def fail(seen_step: str, batch_id: str) -> None:
-        if seen_step == step:
-            raise RuntimeError(f"injected fault at {step}")
-
     with pytest.raises(RuntimeError, match="injected fault"):
-        archive(database, storage, hook=fail, batch_size=2)
+        archive(database, storage, hook=fail_at(step), batch_size=2)
 
     assert_nothing_lost(database, storage, before)
     finish_and_check(database, storage, before)
@@ -137,19 +133,15 @@ def test_recovery_leaves_another_databases_batches_alone(
 
 
 def restore_in_child(db: Any, storage: Any, root_id: str, kill_at: str) -> None:
-    script = (
-        "import asyncio, os, signal, sys\n"
+    killed_at(
+        kill_at,
         "from archiver.restore import RestoreOptions, restore\n"
-        "from archiver.source.engine import DatabaseOptions\n"
-        "def hook(step, _):\n"
-        f"    if step == {kill_at!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from archiver.source.engine import DatabaseOptions",
         f"options = RestoreOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
         f"{storage.options!r}, run_ids=({root_id!r},))\n"
-        "asyncio.run(restore(options, hook))\n"
+        "asyncio.run(restore(options, hook))",
+        ROOT,
     )
-    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
 @pytest.mark.parametrize("step", ["rewritten", "committed"])

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,7 +17,7 @@ from archiver.cli import app
 from archiver.doctor import Status, _clock_check, _Facts
 from archiver.manifest import PendingMarker
 from tests import factory
-from tests.helpers import EXPIRED, archive, mounted_tmpfs, write_config
+from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs, write_config
 
 
 def doctor(config: Path, *args: str) -> tuple[int, dict[str, dict[str, str]]]:
@@ -160,24 +156,8 @@ def read_only_bucket() -> Iterator[dict[str, Any]]:
     credentials it returns may list and read but not write."""
     import boto3
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with moto_process(env) as endpoint:
         admin = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         admin |= {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
         boto3.client("s3", **admin).create_bucket(Bucket="archive")
@@ -206,9 +186,6 @@ def read_only_bucket() -> Iterator[dict[str, Any]]:
             "secret": key["SecretAccessKey"],
             "client_kwargs": {"region_name": "us-east-1"},
         }
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.mark.s3

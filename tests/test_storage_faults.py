@@ -4,11 +4,6 @@ a full disk, credentials the server rejects. Each batch rolls back with one clea
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +15,7 @@ from typer.testing import CliRunner
 from archiver.cli import app
 from archiver.errors import BatchError, StorageError
 from tests import factory
-from tests.helpers import EXPIRED, archive, mounted_tmpfs
+from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs
 from tests.oracle import (
     RUN_TABLES,
     assert_archive_consistent,
@@ -98,28 +93,8 @@ def test_full_disk_rolls_back_with_a_clear_error(sqlite_database: Any, tiny_disk
 @pytest.fixture(scope="module")
 def moto_with_auth() -> Iterator[str]:
     """A second moto server, in its own process, that checks credentials (IAM mode)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with moto_process(dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")) as endpoint:
         yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.mark.s3

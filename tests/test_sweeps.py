@@ -22,7 +22,7 @@ from archiver.storage import Storage
 from archiver.sweeps import SweepOptions, count_sweeps
 from archiver.verify import list_batches, verify_archive
 from tests import factory
-from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, write_config
+from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, fail_at, write_config
 from tests.oracle import (
     RUN_TABLES,
     archived_rows,
@@ -321,12 +321,8 @@ def test_a_failing_sweep_batch_loses_nothing(database: Any, local_storage: Any, 
     made = make_orphans(database)
     before = snapshot_ids(database)
 
-    def fail(seen_step: str, batch_id: str) -> None:
-        if seen_step == step:
-            raise RuntimeError(f"injected fault at {step}")
-
     with pytest.raises(RuntimeError, match="injected fault"):
-        archive(database, local_storage, hook=fail, sweep_batch_size=2)
+        archive(database, local_storage, hook=fail_at(step), sweep_batch_size=2)
 
     assert_nothing_lost(database, local_storage, before)
     finish_sweeps(database, local_storage, before, made)
