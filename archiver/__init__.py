@@ -9,9 +9,9 @@ The library is the product; the ``archiver`` command is a thin layer over it::
     report = asyncio.run(run(RunOptions(database=DatabaseOptions(url), storage_url="s3://...")))
 """
 
+from archiver.archive.verify import open_archive, verify_archive
+from archiver.engine.run import BatchReport, RunOptions, RunReport, run
 from archiver.errors import ArchiverError
-from archiver.pipeline import BatchReport, RunOptions, RunReport, run
-from archiver.verify import open_archive, verify_archive
 from archiver.version import __version__
 
 __all__ = [

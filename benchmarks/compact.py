@@ -64,7 +64,7 @@ def read_figures(archive: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from archiver import RunOptions, run
-    from archiver.compact import CompactOptions, compact
+    from archiver.engine.compact import CompactOptions, compact
     from archiver.source.engine import DatabaseOptions
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compact")

@@ -157,7 +157,7 @@ def measure(spec: Spec) -> Result:
     """Do the work of ``spec`` in this process and measure it (the child's side)."""
     before = count_rows(spec.database_url)
     if spec.method == ARCHIVER:  # a process starts once: its imports are not part of the work
-        importlib.import_module("archiver.pipeline")
+        importlib.import_module("archiver.engine.run")
         importlib.import_module("s3fs" if spec.storage == "s3" else "fsspec")
     meter = Meter()
     work = archive(spec) if spec.method == ARCHIVER else bare_delete(spec)

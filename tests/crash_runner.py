@@ -3,7 +3,7 @@
     python -m tests.crash_runner '<json>'
 
 The JSON names the database and storage, the retention and batch size, and
-optionally ``kill_at``: a step name from ``archiver.pipeline.STEPS`` and which
+optionally ``kill_at``: a step name from ``archiver.engine.run.STEPS`` and which
 ``occurrence`` of it. Without ``kill_at`` the child archives the whole backlog and
 prints its report as JSON (used to run several archivers at once).
 """

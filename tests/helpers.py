@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from archiver import RunOptions, RunReport, run
-from archiver.pipeline import StepHook
+from archiver.engine.run import StepHook
 from archiver.source.engine import DatabaseOptions
 
 RETENTION = timedelta(days=30)

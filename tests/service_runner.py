@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from archiver import cli, pipeline
+from archiver.cli import app as cli
+from archiver.engine import run as pipeline
 
 
 def pause_at_files(ready: Path) -> pipeline.StepHook:

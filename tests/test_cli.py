@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.cli.app import app
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, write_config
 from tests.oracle import RUN_TABLES, archived_ids, db_rows

@@ -13,14 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from archiver import open_archive
-from archiver.cli import app
-from archiver.compact import STEPS, CompactOptions, CompactReport, compact, parse_size
+from archiver.archive.storage import Storage
+from archiver.archive.verify import list_batches, verify_archive
+from archiver.cli.app import app
+from archiver.engine.compact import STEPS, CompactOptions, CompactReport, compact, parse_size
+from archiver.engine.recovery import recover
+from archiver.engine.restore import RestoreOptions, restore
 from archiver.errors import ConcurrentChange, ConfigError, VerificationError
-from archiver.recovery import recover
-from archiver.restore import RestoreOptions, restore
 from archiver.source.engine import DatabaseOptions, create_engine
-from archiver.storage import Storage
-from archiver.verify import list_batches, verify_archive
 from tests import factory
 from tests.helpers import EXPIRED, archive, fail_at, killed_at, write_config
 from tests.oracle import (
@@ -194,7 +194,7 @@ def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
 def compact_in_child(db: Any, storage: Any, kill_at: str) -> None:
     killed_at(
         kill_at,
-        "from archiver.compact import CompactOptions, compact\n"
+        "from archiver.engine.compact import CompactOptions, compact\n"
         "from archiver.source.engine import DatabaseOptions",
         f"options = CompactOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
         f"{storage.options!r})\n"

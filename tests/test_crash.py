@@ -1,6 +1,6 @@
 """Nothing is lost: crash archiver at every step, recover, and account for every row.
 
-Two kinds of fault at each step of a batch (archiver.pipeline.STEPS):
+Two kinds of fault at each step of a batch (archiver.engine.run.STEPS):
 * a hard kill: ``SIGKILL`` of a child process running ``archiver run`` (no clean-up runs);
 * an exception raised in process (the batch's own error handling runs).
 After each: every row is in the database or in a committed batch, never both and never
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from archiver.pipeline import STEPS
-from archiver.recovery import recover
+from archiver.archive.storage import Storage
+from archiver.engine.recovery import recover
+from archiver.engine.run import STEPS
 from archiver.source.engine import DatabaseOptions, create_engine
-from archiver.storage import Storage
 from tests import factory
 from tests.helpers import EXPIRED, RETENTION, archive, fail_at, killed_at
 from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
@@ -135,7 +135,7 @@ def test_recovery_leaves_another_databases_batches_alone(
 def restore_in_child(db: Any, storage: Any, root_id: str, kill_at: str) -> None:
     killed_at(
         kill_at,
-        "from archiver.restore import RestoreOptions, restore\n"
+        "from archiver.engine.restore import RestoreOptions, restore\n"
         "from archiver.source.engine import DatabaseOptions",
         f"options = RestoreOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
         f"{storage.options!r}, run_ids=({root_id!r},))\n"

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.cli.app import app
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, write_config
 from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
@@ -179,7 +179,7 @@ def background(
 # this machine) overlap the server's start.
 SERVE_WHEN_READY = """
 import runpy, sys, time, urllib.request
-import prefect, archiver.pipeline
+import prefect, archiver.engine.run
 deadline = time.monotonic() + 60
 while True:
     try:

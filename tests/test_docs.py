@@ -8,7 +8,7 @@ from pathlib import Path
 import typer.main
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
-from archiver.doctor import Status, _clock_check, _Facts
-from archiver.manifest import PendingMarker
+from archiver.archive.manifest import PendingMarker
+from archiver.cli.app import app
+from archiver.cli.doctor import Status, _clock_check, _Facts
 from tests import factory
 from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs, write_config
 

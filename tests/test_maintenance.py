@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
-from archiver.console import _statements
+from archiver.cli.app import app
+from archiver.cli.console import _statements
 from archiver.source.maintenance import sqlite_file_bytes
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, archive, write_config

@@ -15,8 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from typer.testing import CliRunner
 
-from archiver.cli import app
-from archiver.plan import Plan, plan
+from archiver.cli.app import app
+from archiver.cli.plan import Plan, plan
 from archiver.source.engine import DatabaseOptions, create_engine, read_only_connection
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, archive, options, write_config

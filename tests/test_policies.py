@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.archive.manifest import BatchManifest
+from archiver.cli.app import app
+from archiver.cli.settings import load_settings
 from archiver.errors import ConfigError
-from archiver.manifest import BatchManifest
 from archiver.policy import RetentionPolicy, Rule
-from archiver.settings import load_settings
 from archiver.source import selection
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.retention import RuleCount, count_by_rule

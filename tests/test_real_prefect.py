@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from archiver.restore import RestoreOptions, restore
+from archiver.engine.restore import RestoreOptions, restore
 from archiver.source.engine import DatabaseOptions
 from tests.helpers import NOW, archive
 from tests.oracle import RUN_TABLES, archived_rows, assert_archive_equals, db_rows

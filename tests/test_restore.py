@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.cli.app import app
+from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.errors import ArchiverError
-from archiver.restore import RestoreOptions, RestoreReport, restore
 from archiver.source.engine import DatabaseOptions
 from tests import factory
 from tests.helpers import EXPIRED, archive

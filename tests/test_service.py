@@ -24,11 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from typer.testing import CliRunner
 
-from archiver.cli import app
-from archiver.console import TerminalProgress
+from archiver.cli.app import app
+from archiver.cli.console import TerminalProgress
+from archiver.cli.schedule import LoopListeners, Schedule, parse_duration, run_on_schedule
+from archiver.cli.service import Service
 from archiver.errors import ArchiverError, TransientDatabaseError, VerificationError
-from archiver.schedule import LoopListeners, Schedule, parse_duration, run_on_schedule
-from archiver.service import Service
 from tests import factory
 from tests.helpers import EXPIRED, archive, options, write_config
 from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
@@ -174,7 +174,7 @@ def test_a_failed_run_exits_1_and_reports_what_it_committed(
 
 
 def _json_reporter(buffer: io.StringIO) -> Any:
-    from archiver.console import JsonLines
+    from archiver.cli.console import JsonLines
 
     return JsonLines(buffer, Console(file=io.StringIO()))
 

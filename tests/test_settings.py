@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from archiver.cli.settings import Settings, load_settings
 from archiver.errors import ConfigError
-from archiver.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
+from archiver.cli.app import app
 from archiver.errors import BatchError, StorageError
 from tests import factory
 from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs

@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from archiver.cli import app
-from archiver.restore import RestoreOptions, restore
-from archiver.show import show_run
+from archiver.archive.show import show_run
+from archiver.archive.storage import Storage
+from archiver.archive.verify import list_batches, verify_archive
+from archiver.cli.app import app
+from archiver.engine.restore import RestoreOptions, restore
+from archiver.engine.sweeps import SweepOptions, count_sweeps
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
-from archiver.storage import Storage
-from archiver.sweeps import SweepOptions, count_sweeps
-from archiver.verify import list_batches, verify_archive
 from tests import factory
 from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, fail_at, write_config
 from tests.oracle import (

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from archiver import open_archive
-from archiver.cli import app
+from archiver.cli.app import app
 from tests import factory
 from tests.helpers import EXPIRED, archive, write_config
 

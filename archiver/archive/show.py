@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from archiver.archive.manifest import BatchManifest
+from archiver.archive.storage import Storage
+from archiver.archive.verify import list_batches
 from archiver.errors import ArchiverError
-from archiver.manifest import BatchManifest
-from archiver.storage import Storage
-from archiver.verify import list_batches
 
 
 @dataclass

@@ -19,10 +19,10 @@ from typing import Literal
 
 import pyarrow.dataset as ds
 
-from archiver import codec
+from archiver.archive import codec
+from archiver.archive.manifest import BatchManifest, FileRecord, current_batches
+from archiver.archive.storage import MANIFEST_DIR, PENDING_DIR, Storage
 from archiver.errors import ArchiverError, StorageError, VerificationError
-from archiver.manifest import BatchManifest, FileRecord, current_batches
-from archiver.storage import MANIFEST_DIR, PENDING_DIR, Storage
 
 
 @dataclass

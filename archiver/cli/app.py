@@ -23,21 +23,21 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from archiver.compact import CompactOptions, CompactReport, compact, parse_size
-from archiver.console import JsonLines, Reporter, TerminalProgress, rule_table
-from archiver.doctor import DoctorOptions, Status, doctor
+from archiver.archive.show import RunView, show_run
+from archiver.archive.storage import Storage
+from archiver.archive.verify import VerifyScope, list_batches, verify_archive
+from archiver.cli.console import JsonLines, Reporter, TerminalProgress, rule_table
+from archiver.cli.doctor import DoctorOptions, Status, doctor
+from archiver.cli.plan import Plan, plan
+from archiver.cli.schedule import Schedule, parse_duration
+from archiver.cli.service import Service, database_options, run_options
+from archiver.cli.settings import Settings, load_settings
+from archiver.engine.compact import CompactOptions, CompactReport, compact, parse_size
+from archiver.engine.recovery import recover
+from archiver.engine.restore import RestoreOptions, restore
+from archiver.engine.run import RunReport
 from archiver.errors import ArchiverError, ConfigError
-from archiver.pipeline import RunReport
-from archiver.plan import Plan, plan
-from archiver.recovery import recover
-from archiver.restore import RestoreOptions, restore
-from archiver.schedule import Schedule, parse_duration
-from archiver.service import Service, database_options, run_options
-from archiver.settings import Settings, load_settings
-from archiver.show import RunView, show_run
 from archiver.source.engine import create_engine
-from archiver.storage import Storage
-from archiver.verify import VerifyScope, list_batches, verify_archive
 
 app = typer.Typer(
     help="Archive expired Prefect runs to Parquet, verify them, then delete them.",

@@ -4,7 +4,7 @@ On a terminal: a rich progress bar (runs, batches, rows, bytes, rate, and the
 time left, estimated from the runs counted expired at the start), then a table
 per run. Otherwise, or with ``--json``: one JSON object per line on stdout, a
 ``batch`` event per committed batch and a ``report`` (the run report,
-:mod:`archiver.report`) per run, with ``sleep`` and ``error`` events in loop
+:mod:`archiver.engine.report`) per run, with ``sleep`` and ``error`` events in loop
 mode; the human lines go to stderr, so stdout stays machine-readable.
 """
 
@@ -27,9 +27,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from archiver.engine.report import batch_event, run_report_document
+from archiver.engine.run import BatchReport, RunReport
 from archiver.errors import ArchiverError
-from archiver.pipeline import BatchReport, RunReport
-from archiver.report import batch_event, run_report_document
 from archiver.source.maintenance import MaintenanceReport
 from archiver.source.retention import RuleCount
 

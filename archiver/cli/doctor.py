@@ -25,8 +25,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from archiver.archive.manifest import PendingMarker
+from archiver.archive.storage import PENDING_DIR, Storage
 from archiver.errors import ArchiverError, ConfigError, SchemaError, StorageError
-from archiver.manifest import PendingMarker
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -36,7 +37,6 @@ from archiver.source.engine import (
 from archiver.source.ledger import LedgerStatus, ledger_status
 from archiver.source.maintenance import create_index, database_now, sqlite_journal_warning
 from archiver.source.schema import IndexSpec, PrefectSchema, inspect_schema, revision_known
-from archiver.storage import PENDING_DIR, Storage
 
 DOCTOR_DIR = "_doctor"
 

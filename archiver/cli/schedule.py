@@ -1,6 +1,6 @@
 """Running archiver as a long-lived process: a schedule, and the loop of runs on it.
 
-Each iteration is a whole :func:`archiver.pipeline.run` (recovery, then batches
+Each iteration is a whole :func:`archiver.engine.run.run` (recovery, then batches
 until nothing expired is left or a limit is reached). Between runs the loop
 sleeps until the schedule's next time, waking at once when ``stop`` is set.
 
@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from cronsim import CronSim, CronSimError
 from pydantic import TypeAdapter, ValidationError
 
+from archiver.engine.run import BatchListener, RunOptions, RunReport, StepHook, run
 from archiver.errors import (
     ArchiverError,
     BatchError,
@@ -31,7 +32,6 @@ from archiver.errors import (
     SchemaError,
     VerificationError,
 )
-from archiver.pipeline import BatchListener, RunOptions, RunReport, StepHook, run
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SHORT = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from archiver.console import Reporter
+from archiver.cli.console import Reporter
+from archiver.cli.metrics import Metrics
+from archiver.cli.schedule import LoopListeners, Schedule, run_on_schedule
+from archiver.cli.settings import Settings
+from archiver.engine.run import BatchReport, RunOptions, RunReport, StepHook, run
 from archiver.errors import ArchiverError
-from archiver.metrics import Metrics
-from archiver.pipeline import BatchReport, RunOptions, RunReport, StepHook, run
-from archiver.schedule import LoopListeners, Schedule, run_on_schedule
-from archiver.settings import Settings
 from archiver.source.engine import DatabaseOptions
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)

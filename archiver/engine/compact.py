@@ -53,7 +53,11 @@ import pyarrow.parquet as pq
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from archiver import codec
+from archiver.archive import codec
+from archiver.archive.manifest import BatchManifest, FileRecord, PendingMarker
+from archiver.archive.storage import PENDING_DIR, Storage, data_key, manifest_key, pending_key
+from archiver.archive.verify import check_written, list_batches
+from archiver.engine.recovery import ensure_source, recover
 from archiver.errors import (
     ArchiverError,
     ConcurrentChange,
@@ -61,8 +65,6 @@ from archiver.errors import (
     DatabaseError,
     VerificationError,
 )
-from archiver.manifest import BatchManifest, FileRecord, PendingMarker
-from archiver.recovery import ensure_source, recover
 from archiver.source import ledger
 from archiver.source.engine import (
     DatabaseOptions,
@@ -70,8 +72,6 @@ from archiver.source.engine import (
     translate_error,
     write_transaction_options,
 )
-from archiver.storage import PENDING_DIR, Storage, data_key, manifest_key, pending_key
-from archiver.verify import check_written, list_batches
 from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.

@@ -26,10 +26,16 @@ from contextlib import asynccontextmanager
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from archiver.manifest import BatchManifest, PendingMarker
+from archiver.archive.manifest import BatchManifest, PendingMarker
+from archiver.archive.storage import (
+    PENDING_DIR,
+    MissingKeyError,
+    Storage,
+    manifest_key,
+    partial_target,
+)
 from archiver.source import ledger
 from archiver.source.engine import translate_error, write_transaction_options
-from archiver.storage import PENDING_DIR, MissingKeyError, Storage, manifest_key, partial_target
 
 
 async def recover(engine: AsyncEngine, storage: Storage, source_id: str | None = None) -> list[str]:

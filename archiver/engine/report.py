@@ -13,11 +13,11 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from archiver.storage import Storage, report_key
+from archiver.archive.storage import Storage, report_key
 from archiver.version import __version__
 
 if TYPE_CHECKING:
-    from archiver.pipeline import BatchReport, RunReport
+    from archiver.engine.run import BatchReport, RunReport
 
 
 def run_report_document(report: RunReport) -> dict[str, Any]:

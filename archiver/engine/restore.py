@@ -37,10 +37,18 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from archiver.archive.manifest import BatchManifest
+from archiver.archive.storage import Storage
+from archiver.archive.verify import list_batches
+from archiver.engine.rewrite import (
+    Rewrite,
+    abandon_rewrite,
+    finish_rewrite,
+    plan_rewrite,
+    write_rewrite,
+)
 from archiver.errors import ArchiverError, ConcurrentChange, ConfigError
-from archiver.manifest import BatchManifest
 from archiver.models import Kind, TableShape
-from archiver.rewrite import Rewrite, abandon_rewrite, finish_rewrite, plan_rewrite, write_rewrite
 from archiver.source import ledger
 from archiver.source.collections import reconcile_keys
 from archiver.source.engine import (
@@ -51,8 +59,6 @@ from archiver.source.engine import (
 )
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import to_db_time
-from archiver.storage import Storage
-from archiver.verify import list_batches
 
 INSERT_ORDER = (
     "artifact",
@@ -186,7 +192,7 @@ async def _abandon(storage: Storage, rewrites: list[Rewrite]) -> None:
 
 
 def _call(hook: Callable[[str, str], None] | None, step: str) -> None:
-    """Tests inject faults here, as with archiver.pipeline's step hook."""
+    """Tests inject faults here, as with archiver.engine.run's step hook."""
     if hook is not None:
         hook(step, "restore")
 

@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from archiver import codec
-from archiver.manifest import BatchManifest, FileRecord, PendingMarker
-from archiver.storage import Storage, data_key, manifest_key, pending_key
-from archiver.verify import check_written
+from archiver.archive import codec
+from archiver.archive.manifest import BatchManifest, FileRecord, PendingMarker
+from archiver.archive.storage import Storage, data_key, manifest_key, pending_key
+from archiver.archive.verify import check_written
 
 
 @dataclass

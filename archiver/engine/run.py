@@ -26,7 +26,7 @@ Which roots are expired is decided by the retention policy (``archiver.policy``)
 ordered rules, the global ``retention_period`` for the runs no rule matches, and
 a legal-hold tag whose trees are never taken. The manifest names each root's rule.
 
-After the run batches, the sweeps (``archiver.sweeps``: orphans, artifact
+After the run batches, the sweeps (``archiver.engine.sweeps``: orphans, artifact
 collections, events) go through the very same path: a sweep proposes ids from
 its keyset walk, and :meth:`_Batcher.run_selected` locks them in a batch
 transaction and commits them under the protocol above. Any batch whose
@@ -51,7 +51,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from archiver import codec
+from archiver.archive import codec
+from archiver.archive.manifest import BatchManifest, FileRecord, PendingMarker
+from archiver.archive.storage import Storage, data_key, manifest_key, pending_key
+from archiver.archive.verify import check_written
+from archiver.engine.recovery import ensure_source, recover
+from archiver.engine.report import write_run_report
+from archiver.engine.sweeps import (
+    DEFAULT_EVENTS_RETENTION,
+    DEFAULT_SWEEPS,
+    Sweep,
+    SweepName,
+    SweepOptions,
+    count_sweeps,
+    plan_sweeps,
+)
 from archiver.errors import (
     ArchiverError,
     BatchError,
@@ -61,11 +75,8 @@ from archiver.errors import (
     TransientDatabaseError,
     VerificationError,
 )
-from archiver.manifest import BatchManifest, FileRecord, PendingMarker
 from archiver.models import BatchContent, Root, TableRows
 from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, RetentionPolicy, Rule
-from archiver.recovery import ensure_source, recover
-from archiver.report import write_run_report
 from archiver.source import ledger
 from archiver.source.collections import apply_repoints, plan_collections
 from archiver.source.deletion import delete_archived
@@ -80,17 +91,6 @@ from archiver.source.orphans import Slice, Walker
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import PrefectSchema, inspect_schema
 from archiver.source.selection import Gathered, count_expired, gather, lock_roots
-from archiver.storage import Storage, data_key, manifest_key, pending_key
-from archiver.sweeps import (
-    DEFAULT_EVENTS_RETENTION,
-    DEFAULT_SWEEPS,
-    Sweep,
-    SweepName,
-    SweepOptions,
-    count_sweeps,
-    plan_sweeps,
-)
-from archiver.verify import check_written
 from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.

@@ -44,7 +44,7 @@ from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from archiver import codec
+from archiver.archive import codec
 from archiver.errors import ConcurrentChange
 from archiver.models import Column, Kind, Root, TableRows, TableShape
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema

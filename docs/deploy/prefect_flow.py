@@ -5,7 +5,7 @@
     export ARCHIVER_STORAGE_URL=s3://my-bucket/prefect-archive ARCHIVER_ENABLED=true
     python docs/deploy/prefect_flow.py        # serves the deployment "archive-prefect-runs/hourly"
 
-The flow calls archiver's library (``archiver.pipeline.run``) with the settings the
+The flow calls archiver's library (``archiver.engine.run.run``) with the settings the
 CLI reads (``ARCHIVER_*`` variables, or a TOML file passed as ``config``), so the
 rules are the same: it archives only when ``enabled`` is true, and the run report
 lands in ``_reports/`` beside the archive and is the flow run's return value.
@@ -24,10 +24,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from archiver.pipeline import BatchReport, RunReport, run
-from archiver.report import run_report_document
-from archiver.service import run_options
-from archiver.settings import load_settings
+from archiver.cli.service import run_options
+from archiver.cli.settings import load_settings
+from archiver.engine.report import run_report_document
+from archiver.engine.run import BatchReport, RunReport, run
 
 
 @flow(name="archive-prefect-runs", retries=0)

@@ -1,0 +1,11 @@
+"""The batch protocol: how rows leave the database for the archive, and come back.
+
+Owns: planning a batch, the commit protocol that every writer of batches shares
+(marker, files, read-back, ledger, COMMIT, manifest, clean-up; abandon and the
+uncertain COMMIT), the run loop with its read-ahead, the sweeps, recovery of batches a
+crash left open, and the operations that rewrite committed batches (restore, compaction).
+
+May import ``archiver.archive``, ``archiver.source`` and the base modules (errors,
+models, policy, version). Never imports ``archiver.cli`` or reads settings: callers pass
+plain option objects.
+"""
