@@ -51,6 +51,7 @@ from archiver.errors import ArchiverError, ConcurrentChange, ConfigError
 from archiver.models import Kind, TableShape
 from archiver.source import ledger
 from archiver.source.collections import reconcile_keys
+from archiver.source.dialect import to_db_time
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -58,7 +59,6 @@ from archiver.source.engine import (
     write_transaction_options,
 )
 from archiver.source.schema import PrefectSchema, inspect_schema
-from archiver.source.selection import to_db_time
 
 INSERT_ORDER = (
     "artifact",

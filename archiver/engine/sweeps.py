@@ -1,6 +1,6 @@
 """Sweeps: rows that belong to no expired run tree, archived like the trees.
 
-Each sweep is a :class:`~archiver.source.orphans.Walk` (which rows, found in one
+Each sweep is a :class:`~archiver.source.keyset.Walk` (which rows, found in one
 keyset pass over an index) and a gatherer (what else must leave with them). The
 pipeline proposes a slice of ids from the walk, then, inside one batch
 transaction, locks and re-checks them here and hands the resulting
@@ -43,10 +43,11 @@ from typing import Literal
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.models import BatchContent, BatchKind, Repoint, TableRows
+from archiver.policy import TERMINAL_STATES
 from archiver.source.collections import plan_stale
-from archiver.source.orphans import Link, Slice, Walk, count_rows, lock_rows, time_range
+from archiver.source.keyset import Link, Slice, Walk, count_rows, lock_rows, time_range
+from archiver.source.reader import Reader
 from archiver.source.schema import PrefectSchema
-from archiver.source.selection import TERMINAL_STATES, _Reader
 
 SweepName = Literal["orphans", "collections", "events"]
 DEFAULT_SWEEPS: tuple[SweepName, ...] = ("orphans", "collections")
@@ -196,7 +197,7 @@ async def _task_run_trees(
     conn: AsyncConnection, schema: PrefectSchema, task_runs: TableRows
 ) -> tuple[dict[str, TableRows], list[Repoint]]:
     """Task runs with their states, cache entries, and the logs and artifacts of no flow run."""
-    reader = _Reader(conn, schema)
+    reader = Reader(conn, schema)
     task_ids = task_runs.ids
     states = await reader.rows("task_run_state", "task_run_id", task_ids)
     results = _values(states, "result_artifact_id")
@@ -219,9 +220,7 @@ async def _task_run_trees(
 async def _task_run_states(
     conn: AsyncConnection, schema: PrefectSchema, states: TableRows
 ) -> tuple[dict[str, TableRows], list[Repoint]]:
-    cache = await _Reader(conn, schema).rows(
-        "task_run_state_cache", "task_run_state_id", states.ids
-    )
+    cache = await Reader(conn, schema).rows("task_run_state_cache", "task_run_state_id", states.ids)
     return {"task_run_state": states, "task_run_state_cache": cache}, []
 
 
@@ -229,7 +228,7 @@ async def _events(
     conn: AsyncConnection, schema: PrefectSchema, events: TableRows
 ) -> tuple[dict[str, TableRows], list[Repoint]]:
     """Events with their resources (no foreign key: resources are deleted first)."""
-    resources = await _Reader(conn, schema).rows(
+    resources = await Reader(conn, schema).rows(
         "event_resources", "event_id", events.ids, lock=True
     )
     return {"events": events, "event_resources": resources}, []

@@ -5,6 +5,6 @@ driver errors, reflecting Prefect's schema, selecting and locking expired run tr
 keyset walks of the sweeps, deleting archived rows with checked counts, artifact
 collections, the ledger, maintenance, and writing restored rows.
 
-May import only the base modules (errors, models, policy, version). Never imports
+May import only the base modules (errors, models, policy, arrow_types, version). Never imports
 ``archiver.archive`` (storage) or ``archiver.engine``.
 """

@@ -35,9 +35,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from archiver.source.dialect import from_db_time
 from archiver.source.engine import translate_error
 from archiver.source.schema import TREE_TABLES, IndexSpec
-from archiver.source.selection import from_db_time
 
 #: PRAGMA auto_vacuum values
 _SQLITE_INCREMENTAL = 2
