@@ -44,7 +44,7 @@ from archiver.engine.run import RunOptions, short_retention_warnings
 from archiver.engine.sweeps import count_sweeps
 from archiver.models import Root
 from archiver.source.engine import create_engine, read_only_connection, translate_error
-from archiver.source.maintenance import sqlite_journal_warning
+from archiver.source.health import sqlite_journal_warning
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema, inspect_schema
 from archiver.source.trees import count_expired, count_trees, gather, lock_roots
