@@ -22,7 +22,7 @@ from archiver.models import Repoint, TableRows
 from archiver.source.collections import plan_stale
 from archiver.source.dialect import TERMINAL_STATES_SQL
 from archiver.source.keyset import Link, Walk
-from archiver.source.reader import WITHOUT_FLOW_RUN, Reader
+from archiver.source.reader import WITHOUT_FLOW_RUN, Reader, linked_ids
 from archiver.source.schema import PrefectSchema
 
 #: Reads, in the batch's transaction, the tables that leave with a sweep's locked rows
@@ -71,7 +71,7 @@ async def gather_task_run_trees(
     reader = Reader(conn, schema)
     task_ids = task_runs.ids
     states = await reader.rows("task_run_state", "task_run_id", task_ids)
-    results = _values(states, "result_artifact_id")
+    results = linked_ids(states, "result_artifact_id")
     tables = {
         "task_run": task_runs,
         "task_run_state": states,
@@ -122,8 +122,3 @@ FOREIGN_KEY_ORPHANS: tuple[tuple[Walk, Gatherer], ...] = (
     (Walk("flow_run_input", "updated", _FLOW_RUN_LINK), gather_alone),
     (Walk("task_run_state", "updated", (Link("task_run_id", "task_run"),)), gather_task_run_states),
 )
-
-
-def _values(rows: TableRows, column: str) -> set[str]:
-    index = rows.shape.column_names.index(column)
-    return {str(row[index]) for row in rows.rows if row[index] is not None}
