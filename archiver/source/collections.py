@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.errors import ConcurrentChange
 from archiver.models import Repoint, TableRows
-from archiver.source.dialect import chunks, in_list, list_statement, select_column
+from archiver.source.dialect import chunks, in_list, list_statement, row_lock, select_column
 from archiver.source.schema import PrefectSchema
 
 #: Fields a collection copies from its latest artifact.
@@ -80,8 +80,8 @@ async def _collections_by_key(
     shape = schema.shape("artifact_collection")
     found = TableRows(shape)
     columns = ", ".join(select_column(dialect, column) for column in shape.columns)
-    lock = " FOR UPDATE" if dialect == "postgresql" else ""
-    sql = f"SELECT {columns} FROM artifact_collection WHERE {in_list(dialect, QUOTED_KEY)}{lock}"
+    where = in_list(dialect, QUOTED_KEY)
+    sql = f"SELECT {columns} FROM artifact_collection WHERE {where}{row_lock(dialect)}"
     for chunk in chunks(dialect, keys):
         result = await conn.execute(list_statement(sql, dialect, "ids"), {"ids": chunk})
         found.rows.extend(tuple(row) for row in result.all())

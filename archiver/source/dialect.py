@@ -89,6 +89,14 @@ def list_statement(sql: str, dialect: str, *names: str) -> TextClause:
     return statement
 
 
+def row_lock(dialect: str, clause: str = "FOR UPDATE") -> str:
+    """`` FOR UPDATE`` (or another locking ``clause``) to end a SELECT with, on PostgreSQL.
+
+    Nothing on SQLite, which has no row locks: a batch holds its write lock.
+    """
+    return f" {clause}" if dialect == "postgresql" else ""
+
+
 def chunks(dialect: str, ids: Sequence[str]) -> Iterator[list[str]]:
     """``ids`` in lists of at most ``CHUNK[dialect]``, in order: one statement each."""
     size = CHUNK[dialect]

@@ -45,6 +45,7 @@ from archiver.source.dialect import (
     list_statement,
     month_start,
     next_month,
+    row_lock,
     select_column,
     to_db_time,
 )
@@ -203,7 +204,7 @@ async def lock_rows(
     dialect = conn.dialect.name
     shape = schema.shape(walk.table)
     columns = ", ".join(select_column(dialect, column) for column in shape.columns)
-    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    lock = row_lock(dialect, "FOR UPDATE SKIP LOCKED")
     sql = (
         f"SELECT {columns} FROM {walk.table}"
         f" WHERE {in_list(dialect, walk.table + '.id')} AND {walk.conditions()}{lock}"

@@ -30,6 +30,7 @@ from archiver.source.dialect import (
     has_tag_sql,
     in_list,
     list_statement,
+    row_lock,
     select_column,
     sqlite_driver_execute,
 )
@@ -121,7 +122,7 @@ class Reader:
             except pa.ArrowInvalid:
                 self.column_wise = False  # a value COPY's text cannot carry: read rows
         rows = TableRows(shape)
-        suffix = " FOR UPDATE" if lock and self.dialect == "postgresql" else ""
+        suffix = row_lock(self.dialect) if lock else ""
         where = f"{self._in(column)}{extra}"
         sql = f"SELECT {self._columns(shape)} FROM {table} WHERE {where}{suffix}"
         for chunk in chunks(self.dialect, ids):

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.models import Root, TableRows
 from archiver.policy import TERMINAL_STATES
-from archiver.source.dialect import EPOCH, from_db_time, next_month, to_db_time
+from archiver.source.dialect import EPOCH, from_db_time, next_month, row_lock, to_db_time
 from archiver.source.reader import WITHOUT_FLOW_RUN, Reader, linked_ids
 from archiver.source.retention import Selection, finished_root
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema
@@ -136,7 +136,7 @@ async def lock_roots(
     # NO KEY UPDATE: enough to keep other archivers (and Prefect's UPDATEs) off these
     # runs, while Prefect may still add rows under a root that turns out to be live.
     # gather() upgrades the roots it keeps to FOR UPDATE.
-    suffix = " FOR NO KEY UPDATE SKIP LOCKED" if lock and dialect == "postgresql" else ""
+    suffix = row_lock(dialect, "FOR NO KEY UPDATE SKIP LOCKED") if lock else ""
     rule = selection.rule_index if selection else "NULL"
     where = f"{_EXPIRED_BY_DIALECT[dialect]}{keyset}{narrowed}"
     first_sql = f"SELECT end_time FROM flow_run WHERE {where} ORDER BY end_time LIMIT 1"
