@@ -20,7 +20,8 @@ Retention policies (``archiver.source.retention``) reach :func:`lock_roots` and
 SQL conditions on the same keyset walk, which also name each root's rule.
 
 :func:`count_trees` is the same walk and lookups, reading only ids and counting,
-without locks: what ``archiver plan`` reports.
+without locks: what ``archiver plan`` reports. Every lookup goes through one
+:class:`~archiver.source.reader.Reader` per batch.
 
 Logs and artifacts have no foreign keys and can still arrive; they are deleted
 by the ids read here, so a late row stays in the database for a later sweep.
