@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+#: The shortest retention a rule or the settings (retention_period, events) accept.
 MIN_RETENTION = timedelta(hours=1)
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 DEFAULT_RULE = "default"

@@ -28,7 +28,7 @@ from archiver.models import Root
 from archiver.policy import RetentionPolicy, Rule
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.retention import Selection, count_by_rule, select_expired
-from archiver.source.selection import count_expired, lock_roots
+from archiver.source.trees import count_expired, lock_roots
 
 COMPLIANCE = (
     Rule(name="production", deployment="bench-flow-0/bench-deployment-0", retention="P400D"),

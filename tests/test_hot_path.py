@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 from sqlalchemy import text
 
-from archiver.archive import codec
 from archiver.models import Column, Kind, TableShape
+from archiver.source import copy_csv
 from archiver.source.deletion import DeleteMismatch, delete_archived
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
-from archiver.source.selection import gather, lock_roots
+from archiver.source.trees import gather, lock_roots
 from tests import factory
 from tests.helpers import EXPIRED, NOW, RETENTION, archive
 from tests.oracle import (
@@ -45,7 +45,7 @@ def test_copy_csv_parses_into_archive_types_column_wise() -> None:
         b'"5123456","{""a"": [1, ""x\\ny""]}","t","7","say ""hi"",\nnext line"\n'
         b'"0b3f6a2e-0000-4000-8000-000000000002","2026-01-02 03:04:05+02",,"null",,,""\n'
     )
-    table = codec.from_csv(data, shape)
+    table = copy_csv.from_csv(data, shape)
     first, second = table.to_pylist()
     assert first["at"].isoformat() == "2026-01-02T03:04:05.123456+00:00"
     assert first["took"] == timedelta(seconds=5.123456)
@@ -55,9 +55,9 @@ def test_copy_csv_parses_into_archive_types_column_wise() -> None:
     assert second["doc"] == "null", "JSON null is a document, not SQL NULL"
     assert (second["took"], second["ok"], second["n"]) == (None, None, None)
     assert second["name"] == "", "an empty string is not NULL"
-    assert codec.from_csv(b"", shape).num_rows == 0
+    assert copy_csv.from_csv(b"", shape).num_rows == 0
     with pytest.raises(pa.ArrowInvalid):
-        codec.from_csv(b'"x","infinity",,,,,\n', shape)
+        copy_csv.from_csv(b'"x","infinity",,,,,\n', shape)
 
 
 def test_cascade_refuses_to_take_a_row_that_was_not_archived(postgres_database: Any) -> None:

@@ -16,8 +16,8 @@ import pytest
 
 from archiver.errors import BatchError, ConcurrentChange, VerificationError
 from archiver.source.engine import DatabaseOptions, create_engine
+from archiver.source.reader import Reader
 from archiver.source.schema import inspect_schema
-from archiver.source.selection import _Reader
 from tests import factory, oracle
 from tests.helpers import EXPIRED, NOW, RECENT, archive
 from tests.oracle import RUN_TABLES, archived_ids, assert_archive_equals, db_rows
@@ -272,7 +272,7 @@ def test_a_subflow_added_after_the_tree_was_walked_stops_the_batch(
         engine = create_engine(DatabaseOptions(database.url))
         try:
             async with engine.connect() as conn:
-                reader = _Reader(conn, await inspect_schema(conn))
+                reader = Reader(conn, await inspect_schema(conn))
                 await reader.refuse_new_subflows(tree.task_run_ids, set(tree.flow_run_ids))
                 with pytest.raises(ConcurrentChange, match="subflow was added"):
                     await reader.refuse_new_subflows(tree.task_run_ids, walked_before_the_subflow)

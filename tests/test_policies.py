@@ -16,7 +16,7 @@ from archiver.cli.app import app
 from archiver.cli.settings import load_settings
 from archiver.errors import ConfigError
 from archiver.policy import RetentionPolicy, Rule
-from archiver.source import selection
+from archiver.source import reader
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.retention import RuleCount, count_by_rule
 from tests import factory
@@ -243,7 +243,7 @@ def test_a_legal_hold_added_between_selection_and_delete_protects_the_tree(
         if step == "selected" and moment == "roots locked":
             tag_the_subflow()
 
-    unlocked_look = selection._Reader.statuses
+    unlocked_look = reader.Reader.statuses
 
     async def statuses_then_tag(self: Any, *args: Any) -> Any:
         found = await unlocked_look(self, *args)
@@ -251,7 +251,7 @@ def test_a_legal_hold_added_between_selection_and_delete_protects_the_tree(
         return found
 
     if moment != "roots locked":
-        monkeypatch.setattr(selection._Reader, "statuses", statuses_then_tag)
+        monkeypatch.setattr(reader.Reader, "statuses", statuses_then_tag)
     report = archive(db, local_storage, hook=hook)
 
     assert report.held_roots == [tree.root_id] and report.archived_roots == 0

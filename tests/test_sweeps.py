@@ -152,6 +152,28 @@ def test_standalone_task_runs_archived_with_states_and_logs(
     assert_nothing_lost(database, local_storage, before)
 
 
+def test_a_standalone_task_runs_result_artifact_leaves_with_it(
+    database: Any, local_storage: Any
+) -> None:
+    # A result artifact that names no run is no orphan: only its state leads to it.
+    tree = factory.make_tree(database, end_time=EXPIRED)
+    task_id = detach_task_run(database, tree)
+    result = factory.make_artifact(database, created=EXPIRED)
+    database.execute(
+        "UPDATE task_run_state SET result_artifact_id = :a"
+        " WHERE id = (SELECT state_id FROM task_run WHERE id = :t)",
+        {"a": result, "t": task_id},
+    )
+    before = snapshot_ids(database)
+
+    archive(database, local_storage)
+
+    assert task_id not in database.ids("task_run")
+    assert result not in database.ids("artifact")
+    assert result in archived_rows(local_storage, "artifact")
+    assert_nothing_lost(database, local_storage, before)
+
+
 def test_collections_follow_the_artifacts_a_run_batch_archives(
     database: Any, local_storage: Any
 ) -> None:

@@ -4,6 +4,6 @@ Owns: keys and atomic writes on fsspec storage, rows <-> Arrow <-> Parquet, the 
 manifest and pending marker, the catalog of committed batches, and what reads an archive
 without a database (verify, show, ls, ``open_archive``).
 
-May import only the base modules (errors, models, version). Never imports
+May import only the base modules (errors, models, arrow_types, version). Never imports
 ``archiver.source`` (the database) or ``archiver.engine``.
 """

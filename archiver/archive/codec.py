@@ -32,25 +32,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from archiver.arrow_types import ARROW_TYPES
 from archiver.errors import ArchiverError, VerificationError
-from archiver.models import Column, Kind, TableRows, TableShape
+from archiver.models import Column, Kind, TableRows
 
-ARROW_TYPES: dict[Kind, pa.DataType] = {
-    Kind.UUID: pa.string(),
-    Kind.TIMESTAMP: pa.timestamp("us", tz="UTC"),
-    Kind.INTERVAL: pa.duration("us"),
-    Kind.JSON: pa.string(),
-    Kind.BOOLEAN: pa.bool_(),
-    # int64 for every integer: SQLite does not enforce SMALLINT or INTEGER widths.
-    Kind.INT16: pa.int64(),
-    Kind.INT32: pa.int64(),
-    Kind.INT64: pa.int64(),
-    Kind.FLOAT: pa.float64(),
-    Kind.STRING: pa.string(),
-}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -124,42 +111,6 @@ def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
                 hint="report this value to the archiver maintainers; nothing was deleted",
             ) from None
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def from_csv(data: bytes, shape: TableShape) -> pa.Table:
-    """Parse PostgreSQL ``COPY ... (FORMAT csv, FORCE_QUOTE *)`` output into archive types.
-
-    Column-wise, in Arrow's C++ parser: no Python object per value. The COPY must
-    quote every non-NULL value (so an unquoted empty field is NULL and ``""`` is an
-    empty string), write timestamps in ISO style and intervals as integer
-    microseconds. Raises ``pa.ArrowInvalid`` on anything else; callers fall back
-    to reading rows.
-    """
-    read_types = {
-        column.name: pa.int64() if column.kind is Kind.INTERVAL else ARROW_TYPES[column.kind]
-        for column in shape.columns
-    }
-    if not data:
-        return pa.table({name: pa.array([], kind) for name, kind in read_types.items()})
-    table = pcsv.read_csv(
-        pa.BufferReader(data),
-        # One thread: batches are a few MB, and the other batch in flight uses the other core.
-        read_options=pcsv.ReadOptions(column_names=shape.column_names, use_threads=False),
-        parse_options=pcsv.ParseOptions(newlines_in_values=True),
-        convert_options=pcsv.ConvertOptions(
-            column_types=read_types,
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-            true_values=["t"],
-            false_values=["f"],
-        ),
-    )
-    for index, column in enumerate(shape.columns):
-        if column.kind is Kind.INTERVAL:
-            durations = table.column(index).cast(pa.duration("us"))
-            table = table.set_column(index, column.name, durations)
-    return table
 
 
 def encode(rows: TableRows, metadata: Mapping[str, str], compression: str = "zstd") -> EncodedFile:

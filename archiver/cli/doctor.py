@@ -21,9 +21,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from archiver.archive.manifest import PendingMarker
 from archiver.archive.storage import PENDING_DIR, Storage
@@ -34,8 +33,9 @@ from archiver.source.engine import (
     read_only_connection,
     translate_error,
 )
+from archiver.source.health import database_now, server_version, sqlite_journal_warning
 from archiver.source.ledger import LedgerStatus, ledger_status
-from archiver.source.maintenance import create_index, database_now, sqlite_journal_warning
+from archiver.source.maintenance import create_index
 from archiver.source.schema import IndexSpec, PrefectSchema, inspect_schema, revision_known
 
 DOCTOR_DIR = "_doctor"
@@ -120,7 +120,7 @@ async def _database_checks(options: DoctorOptions) -> tuple[list[Check], str | N
 async def _look(engine: AsyncEngine) -> _Facts:
     facts = _Facts()
     async with read_only_connection(engine) as conn:
-        facts.version = await _server_version(conn)
+        facts.version = await server_version(conn)
         try:
             facts.schema = await inspect_schema(conn)
         except SchemaError as exc:
@@ -132,14 +132,6 @@ async def _look(engine: AsyncEngine) -> _Facts:
         facts.skew = (database_time - (before + (after - before) / 2)).total_seconds()
         facts.ledger = await ledger_status(conn)
     return facts
-
-
-async def _server_version(conn: AsyncConnection) -> str:
-    if conn.dialect.name == "postgresql":
-        version = (await conn.execute(text("SHOW server_version"))).scalar_one()
-        return f"PostgreSQL {version}"
-    version = (await conn.execute(text("SELECT sqlite_version()"))).scalar_one()
-    return f"SQLite {version} ({conn.engine.url.database})"
 
 
 def _schema_checks(facts: _Facts) -> list[Check]:

@@ -3,7 +3,7 @@
 The plan walks the expired roots exactly as a run would (``lock_roots`` keyset,
 one calendar month and ``batch_size`` roots at a time, stopping at
 ``max_batches``), but without locks, and counts each batch's trees with
-:func:`~archiver.source.selection.count_trees`: the same tree walk and the same
+:func:`~archiver.source.trees.count_trees`: the same tree walk and the same
 index-backed lookups as ``gather``, reading only ids. So its rows per table are
 what a run started now would archive, if nothing changes in between.
 
@@ -44,10 +44,10 @@ from archiver.engine.run import RunOptions, short_retention_warnings
 from archiver.engine.sweeps import count_sweeps
 from archiver.models import Root
 from archiver.source.engine import create_engine, read_only_connection, translate_error
-from archiver.source.maintenance import sqlite_journal_warning
+from archiver.source.health import sqlite_journal_warning
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import REFERENCE_TABLES, TREE_TABLES, PrefectSchema, inspect_schema
-from archiver.source.selection import count_expired, count_trees, gather, lock_roots
+from archiver.source.trees import count_expired, count_trees, gather, lock_roots
 from archiver.version import __version__
 
 

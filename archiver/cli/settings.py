@@ -23,9 +23,8 @@ from pydantic_settings import (
 )
 
 from archiver.errors import ConfigError
-from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, Rule, validate_rules
+from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, MIN_RETENTION, Rule, validate_rules
 
-MIN_RETENTION = timedelta(hours=1)
 SweepSetting = Literal["orphans", "collections", "events"]
 
 

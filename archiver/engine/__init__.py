@@ -6,6 +6,6 @@ uncertain COMMIT), the run loop with its read-ahead, the sweeps, recovery of bat
 crash left open, and the operations that rewrite committed batches (restore, compaction).
 
 May import ``archiver.archive``, ``archiver.source`` and the base modules (errors,
-models, policy, version). Never imports ``archiver.cli`` or reads settings: callers pass
-plain option objects.
+models, policy, arrow_types, version). Never imports ``archiver.cli`` or reads
+settings: callers pass plain option objects.
 """

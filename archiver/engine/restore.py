@@ -2,12 +2,12 @@
 
 Rows are read from the archive (manifests first, so only the batches that hold
 the wanted runs are opened), converted back to the target dialect's storage
-conventions, and inserted in foreign-key order (shared/prefect-schema.md §4.8):
-artifacts; flow runs without their ``state_id`` and ``parent_task_run_id``;
-task runs; states; then those two links; then inputs, logs and cache entries.
-Rows that already exist are skipped (``ON CONFLICT DO NOTHING``) or, with
-``on_conflict="error"``, refused before anything is written. One transaction:
-a failed restore writes nothing.
+conventions, and inserted in foreign-key order (shared/prefect-schema.md §4.8)
+by :mod:`archiver.source.restore_rows`: artifacts; flow runs without their
+``state_id`` and ``parent_task_run_id``; task runs; states; then those two
+links; then inputs, logs and cache entries. Rows that already exist are
+skipped (``ON CONFLICT DO NOTHING``) or, with ``on_conflict="error"``, refused
+before anything is written. One transaction: a failed restore writes nothing.
 
 Sweep batches (orphans, standalone task runs, collections, events) are
 restored whole, and only when named with ``--batch``. Artifact collections are
@@ -27,13 +27,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -48,7 +47,6 @@ from archiver.engine.rewrite import (
     write_rewrite,
 )
 from archiver.errors import ArchiverError, ConcurrentChange, ConfigError
-from archiver.models import Kind, TableShape
 from archiver.source import ledger
 from archiver.source.collections import reconcile_keys
 from archiver.source.engine import (
@@ -57,24 +55,8 @@ from archiver.source.engine import (
     translate_error,
     write_transaction_options,
 )
+from archiver.source.restore_rows import INSERT_ORDER, insert_restored
 from archiver.source.schema import PrefectSchema, inspect_schema
-from archiver.source.selection import to_db_time
-
-INSERT_ORDER = (
-    "artifact",
-    "flow_run",
-    "task_run",
-    "flow_run_state",
-    "task_run_state",
-    "flow_run_input",
-    "log",
-    "task_run_state_cache",
-    "events",
-    "event_resources",
-)
-_DEFERRED_LINKS = ("state_id", "parent_task_run_id")  # flow_run columns set after states
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -375,12 +357,11 @@ async def _restore(
     options: RestoreOptions,
     report: RestoreReport,
 ) -> None:
-    writer = _Writer(conn, schema, options.on_conflict, report)
-    await writer.ensure_flows(tables["flow"], tables["flow_run"])
-    for name in INSERT_ORDER:
-        held_back = _DEFERRED_LINKS if name == "flow_run" else ()
-        await writer.insert(name, tables[name], held_back)
-    await writer.link_flow_runs(tables["flow_run"])
+    flows = _latest_by_id(tables["flow"]) if tables["flow"].num_rows else tables["flow"]
+    written = await insert_restored(conn, schema, tables, flows, options.on_conflict)
+    report.inserted.update(written.inserted)
+    report.existing.update(written.existing)
+    report.dropped_columns.update(written.dropped_columns)
     if "artifact_collection" in schema.tables:
         tables["artifact_collection"] = await _reconcile_collections(conn, tables, report)
 
@@ -407,132 +388,6 @@ async def _reconcile_collections(
     if archived is None or not archived.num_rows:
         return pa.table({"id": pa.array([], pa.string())})
     return archived.filter(pc.is_in(archived["key"], value_set=pa.array(sorted(settled))))
-
-
-class _Writer:
-    def __init__(
-        self,
-        conn: AsyncConnection,
-        schema: PrefectSchema,
-        on_conflict: str,
-        report: RestoreReport,
-    ) -> None:
-        self.conn = conn
-        self.schema = schema
-        self.dialect = conn.dialect.name
-        self.on_conflict = on_conflict
-        self.report = report
-        self.quote = conn.dialect.identifier_preparer.quote
-        self.inserted_runs: set[str] = set()
-
-    async def _drop_missing_references(self, runs: list[dict[str, Any]]) -> None:
-        """A work queue or legacy infrastructure block that is gone becomes NULL (§4.8)."""
-        for column, table in (
-            ("work_queue_id", "work_queue"),
-            ("infrastructure_document_id", "block_document"),
-        ):
-            named = sorted({str(r[column]) for r in runs if r.get(column)})
-            present = await self.existing_ids(table, named) if named else set()
-            for run in runs:
-                if run.get(column) and str(run[column]) not in present:
-                    run[column] = None
-
-    async def existing_ids(self, table: str, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(ids), _CHUNK):
-            statement = text(f"SELECT id FROM {table} WHERE id IN :ids").bindparams(
-                bindparam("ids", expanding=True)
-            )
-            result = await self.conn.execute(statement, {"ids": ids[start : start + _CHUNK]})
-            found.update(str(row[0]) for row in result.all())
-        return found
-
-    async def ensure_flows(self, flows: pa.Table, runs: pa.Table) -> None:
-        """flow_run.flow_id must exist: put back archived flow rows that are gone."""
-        if runs.num_rows == 0:
-            return
-        needed = {r["flow_id"] for r in runs.select(["flow_id"]).to_pylist()}
-        snapshot = _filter(_latest_by_id(flows), "id", needed) if flows.num_rows else flows
-        missing = needed - await self.existing_ids("flow", sorted(needed))
-        if missing - set(snapshot.column("id").to_pylist() if snapshot.num_rows else []):
-            raise ArchiverError(
-                f"flow {sorted(missing)[0]} is neither in the target database nor in the archive",
-                hint="create the flow in the target first (any name), then restore again",
-            )
-        await self.insert("flow", _filter(snapshot, "id", missing), (), count=False)
-
-    async def insert(
-        self, table: str, rows: pa.Table, held_back: Sequence[str], *, count: bool = True
-    ) -> None:
-        shape = self.schema.shape(table) if table in self.schema.tables else None
-        if shape is None or rows.num_rows == 0:
-            return
-        ids = [str(i) for i in rows.column("id").to_pylist()]
-        existing = await self.existing_ids(table, ids)
-        if existing and self.on_conflict == "error":
-            raise ArchiverError(
-                f"{len(existing)} {table} rows already exist in the target (e.g. {min(existing)})",
-                hint="restore without --error-on-existing to skip them, or into another database",
-            )
-        columns = self._columns(table, shape, rows, held_back)
-        new_rows = [r for r in rows.to_pylist() if str(r["id"]) not in existing]
-        if table == "flow_run":
-            self.inserted_runs = {str(r["id"]) for r in new_rows}
-            await self._drop_missing_references(new_rows)
-        if count:
-            self.report.inserted[table] = len(new_rows)
-            self.report.existing[table] = len(existing)
-        if new_rows:
-            await self.conn.execute(self._statement(table, columns), [
-                {c.name: self._value(c.kind, r.get(c.name)) for c in columns}
-                for r in new_rows
-            ])  # fmt: skip
-
-    def _columns(
-        self, table: str, shape: TableShape, rows: pa.Table, held_back: Sequence[str]
-    ) -> list[Any]:
-        archived = set(rows.column_names) - {"month"}
-        dropped = sorted(archived - set(shape.column_names))
-        if dropped:
-            self.report.dropped_columns[table] = dropped
-        return [c for c in shape.columns if c.name in archived and c.name not in held_back]
-
-    def _statement(self, table: str, columns: Sequence[Any]) -> Any:
-        names = ", ".join(self.quote(c.name) for c in columns)
-        values = ", ".join(self._placeholder(c) for c in columns)
-        return text(f"INSERT INTO {table} ({names}) VALUES ({values}) ON CONFLICT DO NOTHING")
-
-    def _placeholder(self, column: Any) -> str:
-        if self.dialect == "postgresql" and column.kind is Kind.JSON:
-            # bind the document as text so the driver's own JSON codec never re-encodes it
-            cast = "jsonb" if column.sql_type == "JSONB" else "json"
-            return f"CAST(CAST(:{column.name} AS text) AS {cast})"
-        return f":{column.name}"
-
-    def _value(self, kind: Kind, value: Any) -> Any:
-        """SQLite stores timestamps as naive UTC text and intervals as epoch plus duration."""
-        if value is None or self.dialect != "sqlite":
-            return value
-        if kind is Kind.TIMESTAMP:
-            return to_db_time("sqlite", value)
-        if kind is Kind.INTERVAL:
-            assert isinstance(value, timedelta)
-            return to_db_time("sqlite", _EPOCH + value)
-        return value
-
-    async def link_flow_runs(self, runs: pa.Table) -> None:
-        if runs.num_rows == 0:
-            return
-        statement = text(
-            "UPDATE flow_run SET state_id = :state_id, parent_task_run_id = :parent WHERE id = :id"
-        )
-        params = [
-            {"id": r["id"], "state_id": r["state_id"], "parent": r["parent_task_run_id"]}
-            for r in runs.select(["id", "state_id", "parent_task_run_id"]).to_pylist()
-            if r["id"] in self.inserted_runs and (r["state_id"] or r["parent_task_run_id"])
-        ]
-        if params:
-            await self.conn.execute(statement, params)
 
 
 def _latest_by_id(table: pa.Table) -> pa.Table:

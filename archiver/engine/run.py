@@ -86,11 +86,11 @@ from archiver.source.engine import (
     translate_error,
     write_transaction_options,
 )
+from archiver.source.keyset import Slice, Walker
 from archiver.source.maintenance import MaintenanceReport, reclaim_space
-from archiver.source.orphans import Slice, Walker
 from archiver.source.retention import RuleCount, Selection, count_by_rule, select_expired
 from archiver.source.schema import PrefectSchema, inspect_schema
-from archiver.source.selection import Gathered, count_expired, gather, lock_roots
+from archiver.source.trees import Gathered, count_expired, gather, lock_roots
 from archiver.version import __version__
 
 #: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.

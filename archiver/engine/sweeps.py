@@ -1,7 +1,8 @@
 """Sweeps: rows that belong to no expired run tree, archived like the trees.
 
-Each sweep is a :class:`~archiver.source.orphans.Walk` (which rows, found in one
-keyset pass over an index) and a gatherer (what else must leave with them). The
+Each sweep is a :class:`~archiver.source.keyset.Walk` (which rows, found in one
+keyset pass over an index) and a gatherer (what else must leave with them), both
+defined with their SQL in :mod:`archiver.source.sweep_rows`. The
 pipeline proposes a slice of ids from the walk, then, inside one batch
 transaction, locks and re-checks them here and hands the resulting
 :class:`~archiver.models.BatchContent` to the same commit protocol as a run
@@ -35,38 +36,33 @@ that were written with ``foreign_keys`` off, and only there are they walked.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from archiver.models import BatchContent, BatchKind, Repoint, TableRows
-from archiver.source.collections import plan_stale
-from archiver.source.orphans import Link, Slice, Walk, count_rows, lock_rows, time_range
+from archiver.models import BatchContent, BatchKind
+from archiver.source.keyset import Slice, Walk, count_rows, lock_rows, time_range
 from archiver.source.schema import PrefectSchema
-from archiver.source.selection import TERMINAL_STATES, _Reader
+from archiver.source.sweep_rows import (
+    FOREIGN_KEY_ORPHANS,
+    OLD_EVENTS,
+    ORPHAN_ARTIFACTS,
+    ORPHAN_EVENT_RESOURCES,
+    ORPHAN_LOGS,
+    STALE_COLLECTIONS,
+    STANDALONE_TASK_RUNS,
+    Gatherer,
+    gather_alone,
+    gather_collections,
+    gather_events,
+    gather_task_run_trees,
+)
 
 SweepName = Literal["orphans", "collections", "events"]
 DEFAULT_SWEEPS: tuple[SweepName, ...] = ("orphans", "collections")
 DEFAULT_EVENTS_RETENTION = timedelta(days=7)
-
-Gatherer = Callable[
-    [AsyncConnection, PrefectSchema, TableRows],
-    Awaitable[tuple[dict[str, TableRows], list[Repoint]]],
-]
-
-_RUN_LINKS = (Link("flow_run_id", "flow_run"), Link("task_run_id", "task_run"))
-_TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
-_NO_SUBFLOW = (
-    "NOT EXISTS (SELECT 1 FROM flow_run AS child WHERE child.parent_task_run_id = task_run.id)"
-)
-#: A subflow of a background task run would be detached (SET NULL) by deleting it: skip those.
-_STANDALONE = (
-    f"task_run.flow_run_id IS NULL AND task_run.state_type IN ({_TERMINAL}) AND {_NO_SUBFLOW}"
-)
-_NO_FLOW_RUN = " AND flow_run_id IS NULL"
 
 
 @dataclass(frozen=True)
@@ -117,57 +113,27 @@ def plan_sweeps(options: SweepOptions, schema: PrefectSchema) -> list[Sweep]:
     planned: list[Sweep] = []
     if "orphans" in options.sweeps:
         planned += [
-            Sweep("orphans", "orphans", Walk("log", "timestamp", _RUN_LINKS), cutoff, _alone),
+            Sweep("orphans", "orphans", ORPHAN_LOGS, cutoff, gather_alone),
+            Sweep("orphans", "orphans", ORPHAN_ARTIFACTS, cutoff, gather_alone),
             Sweep(
-                "orphans",
-                "orphans",
-                Walk("artifact", "updated", _RUN_LINKS, "artifact.created < :cutoff"),
-                cutoff,
-                _alone,
-            ),
-            Sweep(
-                "orphans",
-                "standalone_tasks",
-                Walk("task_run", "end_time", where=_STANDALONE),
-                cutoff,
-                _task_run_trees,
+                "orphans", "standalone_tasks", STANDALONE_TASK_RUNS, cutoff, gather_task_run_trees
             ),
         ]
         if schema.dialect == "sqlite":
-            planned += _foreign_key_orphans(cutoff)
+            planned += [
+                Sweep("orphans", "orphans", walk, cutoff, gather)
+                for walk, gather in FOREIGN_KEY_ORPHANS
+            ]
     if "collections" in options.sweeps:
-        stale = Walk("artifact_collection", "updated", (Link("latest_id", "artifact"),))
-        planned.append(Sweep("collections", "collections", stale, options.now, _collections))
+        planned.append(
+            Sweep("collections", "collections", STALE_COLLECTIONS, options.now, gather_collections)
+        )
     if "events" in options.sweeps:
-        resources = Walk("event_resources", "occurred", (Link("event_id", "events"),))
         planned += [
-            Sweep("events", "events", Walk("events", "occurred"), events_cutoff, _events),
-            Sweep("events", "events", resources, events_cutoff, _alone),
+            Sweep("events", "events", OLD_EVENTS, events_cutoff, gather_events),
+            Sweep("events", "events", ORPHAN_EVENT_RESOURCES, events_cutoff, gather_alone),
         ]
     return [sweep for sweep in planned if sweep.walk.table in schema.tables]
-
-
-def _foreign_key_orphans(cutoff: datetime) -> list[Sweep]:
-    """Rows whose enforced parent is gone: only possible where foreign keys were off."""
-    flow_run = (Link("flow_run_id", "flow_run"),)
-    return [
-        Sweep(
-            "orphans",
-            "orphans",
-            Walk("task_run", "updated", flow_run, _NO_SUBFLOW),
-            cutoff,
-            _task_run_trees,
-        ),
-        Sweep("orphans", "orphans", Walk("flow_run_state", "updated", flow_run), cutoff, _alone),
-        Sweep("orphans", "orphans", Walk("flow_run_input", "updated", flow_run), cutoff, _alone),
-        Sweep(
-            "orphans",
-            "orphans",
-            Walk("task_run_state", "updated", (Link("task_run_id", "task_run"),)),
-            cutoff,
-            _task_run_states,
-        ),
-    ]
 
 
 async def count_sweeps(
@@ -184,64 +150,3 @@ async def count_sweeps(
             conn, sweep.walk, sweep.cutoff
         )
     return counts
-
-
-async def _alone(
-    conn: AsyncConnection, schema: PrefectSchema, rows: TableRows
-) -> tuple[dict[str, TableRows], list[Repoint]]:
-    return {rows.shape.name: rows}, []
-
-
-async def _task_run_trees(
-    conn: AsyncConnection, schema: PrefectSchema, task_runs: TableRows
-) -> tuple[dict[str, TableRows], list[Repoint]]:
-    """Task runs with their states, cache entries, and the logs and artifacts of no flow run."""
-    reader = _Reader(conn, schema)
-    task_ids = task_runs.ids
-    states = await reader.rows("task_run_state", "task_run_id", task_ids)
-    results = _values(states, "result_artifact_id")
-    tables = {
-        "task_run": task_runs,
-        "task_run_state": states,
-        "task_run_state_cache": await reader.rows(
-            "task_run_state_cache", "task_run_state_id", states.ids
-        ),
-        "log": await reader.rows("log", "task_run_id", task_ids, extra=_NO_FLOW_RUN),
-        "artifact": await reader.rows_by_any(
-            "artifact",
-            [("task_run_id", task_ids, _NO_FLOW_RUN), ("id", sorted(results), "")],
-            lock=True,
-        ),
-    }
-    return tables, []
-
-
-async def _task_run_states(
-    conn: AsyncConnection, schema: PrefectSchema, states: TableRows
-) -> tuple[dict[str, TableRows], list[Repoint]]:
-    cache = await _Reader(conn, schema).rows(
-        "task_run_state_cache", "task_run_state_id", states.ids
-    )
-    return {"task_run_state": states, "task_run_state_cache": cache}, []
-
-
-async def _events(
-    conn: AsyncConnection, schema: PrefectSchema, events: TableRows
-) -> tuple[dict[str, TableRows], list[Repoint]]:
-    """Events with their resources (no foreign key: resources are deleted first)."""
-    resources = await _Reader(conn, schema).rows(
-        "event_resources", "event_id", events.ids, lock=True
-    )
-    return {"events": events, "event_resources": resources}, []
-
-
-async def _collections(
-    conn: AsyncConnection, schema: PrefectSchema, stale: TableRows
-) -> tuple[dict[str, TableRows], list[Repoint]]:
-    archived, repoints = await plan_stale(conn, stale)
-    return {"artifact_collection": archived}, repoints
-
-
-def _values(rows: TableRows, column: str) -> set[str]:
-    index = rows.shape.column_names.index(column)
-    return {str(row[index]) for row in rows.rows if row[index] is not None}

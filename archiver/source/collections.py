@@ -26,12 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.errors import ConcurrentChange
 from archiver.models import Repoint, TableRows
-from archiver.source.schema import PrefectSchema, select_column
-from archiver.source.selection import in_list, list_statement
+from archiver.source.dialect import chunks, in_list, list_statement, row_lock, select_column
+from archiver.source.schema import PrefectSchema
 
 #: Fields a collection copies from its latest artifact.
 COPIED = ("task_run_id", "flow_run_id", "type", "data", "description", "metadata_")
-_CHUNK = 500
 QUOTED_KEY = '"key"'
 
 
@@ -81,10 +80,9 @@ async def _collections_by_key(
     shape = schema.shape("artifact_collection")
     found = TableRows(shape)
     columns = ", ".join(select_column(dialect, column) for column in shape.columns)
-    lock = " FOR UPDATE" if dialect == "postgresql" else ""
-    sql = f"SELECT {columns} FROM artifact_collection WHERE {in_list(dialect, QUOTED_KEY)}{lock}"
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
+    where = in_list(dialect, QUOTED_KEY)
+    sql = f"SELECT {columns} FROM artifact_collection WHERE {where}{row_lock(dialect)}"
+    for chunk in chunks(dialect, keys):
         result = await conn.execute(list_statement(sql, dialect, "ids"), {"ids": chunk})
         found.rows.extend(tuple(row) for row in result.all())
     return found

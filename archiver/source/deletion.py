@@ -37,8 +37,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.errors import ConcurrentChange
+from archiver.source.dialect import chunks, sqlite_driver_execute
 from archiver.source.schema import DELETE_ORDER, TREE_TABLES
-from archiver.source.selection import CHUNK, sqlite_driver_execute
 
 #: PostgreSQL: tables the flow_run DELETE cascades into, with the parent key and parent table.
 CASCADED = {
@@ -122,9 +122,7 @@ async def _delete_ids(conn: AsyncConnection, table: str, ids: list[str]) -> int:
         return 0
     dialect = conn.dialect.name
     removed = 0
-    size = CHUNK[dialect]
-    for start in range(0, len(ids), size):
-        chunk = ids[start : start + size]
+    for chunk in chunks(dialect, ids):
         if dialect == "postgresql":
             statement = text(f"DELETE FROM {table} WHERE id = ANY(:ids)")
             removed += (await conn.execute(statement, {"ids": chunk})).rowcount

@@ -25,7 +25,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from archiver.source.selection import from_db_time
+from archiver.source.dialect import from_db_time
 
 _TABLE = {"postgresql": "archiver.batch", "sqlite": "archiver_batch"}
 _SOURCE = {"postgresql": "archiver.source", "sqlite": "archiver_source"}

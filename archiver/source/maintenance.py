@@ -1,4 +1,4 @@
-"""Database upkeep around archiving: reclaiming space, building indexes, health facts.
+"""Database upkeep around archiving: reclaiming space and building missing indexes.
 
 Deleting rows does not shrink a database:
 
@@ -28,16 +28,14 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from archiver.source.engine import translate_error
 from archiver.source.schema import TREE_TABLES, IndexSpec
-from archiver.source.selection import from_db_time
 
 #: PRAGMA auto_vacuum values
 _SQLITE_INCREMENTAL = 2
@@ -141,28 +139,6 @@ def sqlite_file_bytes(path: Path) -> int:
     """The size of a SQLite database on disk: the file and its write-ahead log."""
     wal = Path(f"{path}-wal")
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
-
-
-async def sqlite_journal_warning(conn: AsyncConnection) -> str | None:
-    """A warning if a SQLite database is not in WAL mode (None on PostgreSQL)."""
-    if conn.dialect.name != "sqlite":
-        return None
-    mode = str((await conn.execute(text("PRAGMA journal_mode"))).scalar_one()).lower()
-    if mode == "wal":
-        return None
-    return (
-        f"SQLite journal_mode is {mode}, not wal: while archiver reads or writes, Prefect "
-        "cannot write (Prefect's own setup enables WAL; run PRAGMA journal_mode=WAL)"
-    )
-
-
-async def database_now(conn: AsyncConnection) -> datetime:
-    """The database server's clock (for SQLite, this host's: SQLite has no server)."""
-    if conn.dialect.name == "postgresql":
-        sql = "SELECT clock_timestamp()"
-    else:
-        sql = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"
-    return from_db_time((await conn.execute(text(sql))).scalar_one())
 
 
 async def create_index(engine: AsyncEngine, spec: IndexSpec) -> str:

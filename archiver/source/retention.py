@@ -1,8 +1,8 @@
 """Retention policies as SQL over ``flow_run``: which finished runs expire, and by which rule.
 
 :func:`compile_selection` turns a :class:`~archiver.policy.RetentionPolicy` into a
-:class:`Selection`, SQL that :func:`~archiver.source.selection.lock_roots` and
-:func:`~archiver.source.selection.count_expired` add to their keyset walk. The
+:class:`Selection`, SQL that :func:`~archiver.source.trees.lock_roots` and
+:func:`~archiver.source.trees.count_expired` add to their keyset walk. The
 walk stays on the ``end_time`` index, bounded by the latest cutoff of any rule
 (``upper_cutoff``); inside that range a CASE expression finds each run's first
 matching rule and tests that rule's cutoff. Rows are filtered in the database,
@@ -27,27 +27,32 @@ How a rule matches, field by field:
   (unless something else deletes a deployment's newest runs while archiver works).
 
 The legal hold: a root carrying the tag is never selected here; a tree with a
-tagged subflow is dropped by :func:`~archiver.source.selection.gather` once it
+tagged subflow is dropped by :func:`~archiver.source.trees.gather` once it
 has locked the tree, where the check is final.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import TextClause, bindparam, text
+from sqlalchemy import TextClause
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from archiver.policy import TERMINAL_STATES, RetentionPolicy, Rule
-from archiver.source.selection import has_tag_sql, to_db_time
+from archiver.policy import RetentionPolicy, Rule
+from archiver.source.dialect import (
+    EPOCH,
+    TERMINAL_STATES_SQL,
+    has_tag_sql,
+    list_statement,
+    to_db_time,
+)
 
-NOTHING_EXPIRES = datetime(1970, 1, 1, tzinfo=UTC)
-_TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
+#: The upper cutoff of a policy under which no rule expires anything.
+NOTHING_EXPIRES = EPOCH
 #: The flow_run columns rules look at (count_by_rule carries them through its window).
 _RULE_COLUMNS = (
     "id", "end_time", "flow_id", "deployment_id", "tags", "state_type", "work_queue_id",
@@ -55,11 +60,17 @@ _RULE_COLUMNS = (
 )  # fmt: skip
 
 
-def finished_root(alias: str) -> str:
-    """A top-level run in a terminal state with an end time: what a rule can decide on."""
+def finished_root(alias: str, *, off_indexes: bool = False) -> str:
+    """SQL: run ``alias`` is a top-level run in a terminal state with an end time,
+    what a rule can decide on (and what expires, once it ended before the cutoff).
+
+    ``off_indexes``: a unary + keeps the root and state terms off their indexes
+    (SQLite's planner would otherwise pick them over the end_time walk).
+    """
+    plus = "+" if off_indexes else ""
     return (
-        f"{alias}.parent_task_run_id IS NULL AND {alias}.end_time IS NOT NULL"
-        f" AND {alias}.state_type IN ({_TERMINAL})"
+        f"{plus}{alias}.parent_task_run_id IS NULL AND {alias}.end_time IS NOT NULL"
+        f" AND {plus}{alias}.state_type IN ({TERMINAL_STATES_SQL})"
     )
 
 
@@ -82,7 +93,7 @@ class Selection:
 
     def statement(self, sql: str) -> TextClause:
         """``text(sql)``, with the list parameters it uses expanded on SQLite."""
-        return _statement(self.dialect, sql, self.lists)
+        return list_statement(sql, self.dialect, *self.lists)
 
     def rule_name(self, index: int) -> str:
         return self.rules[index].name
@@ -116,7 +127,7 @@ async def _kept_by(conn: AsyncConnection, rule: Rule) -> list[str]:
             FROM flow_run WHERE {where}
         ) AS ranked
         WHERE position <= {sql.bind(rule.keep_last)}"""
-    result = await conn.execute(_statement(sql.dialect, statement, sql.lists), sql.params)
+    result = await conn.execute(list_statement(statement, sql.dialect, *sql.lists), sql.params)
     return [str(run_id) for (run_id,) in result.all()]
 
 
@@ -182,7 +193,7 @@ async def count_by_rule(
         GROUP BY rule_index, expired, held"""
     rules = policy.effective_rules
     counts = [[0, 0, 0] for _ in rules]  # selected, kept, held
-    result = await conn.execute(_statement(sql.dialect, statement, sql.lists), sql.params)
+    result = await conn.execute(list_statement(statement, sql.dialect, *sql.lists), sql.params)
     for index, is_expired, is_held, count in result.all():
         slot = 2 if is_expired and is_held else 0 if is_expired else 1
         counts[int(index)][slot] += int(count)
@@ -199,14 +210,6 @@ class _Decided:
 
     ctes: str
     select: str
-
-
-def _statement(dialect: str, sql: str, lists: set[str] | frozenset[str]) -> TextClause:
-    statement = text(sql)
-    if dialect == "sqlite":
-        used = [name for name in lists if re.search(rf":{name}\b", sql)]
-        statement = statement.bindparams(*(bindparam(name, expanding=True) for name in used))
-    return statement
 
 
 def _held_roots_cte(dialect: str, tag: str) -> str:

@@ -73,7 +73,8 @@ KNOWN_REVISIONS = {
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """An index that a lookup of selection.py needs: any index led by ``column`` will do.
+    """An index that a lookup of a batch needs (trees.py, reader.py): any index led by
+    ``column`` will do.
 
     ``name`` is what Prefect's migrations call it, or, where Prefect covers the
     column with a unique constraint, the name archiver gives a plain replacement.
@@ -97,7 +98,7 @@ class IndexSpec:
         return f"{self.table}({self.column})"
 
 
-#: Every lookup that selecting and gathering a batch makes (selection.py), in the order
+#: Every lookup that selecting and gathering a batch makes (trees.py), in the order
 #: of a batch. Without these, each batch scans a whole table.
 SELECTION_INDEXES = (
     IndexSpec("flow_run", "end_time", "ix_flow_run__end_time_desc", descending=True),
@@ -223,18 +224,6 @@ def _leading_columns(inspector: Any, table: str) -> set[str]:
         column_lists += [uq["column_names"] for uq in inspector.get_unique_constraints(table)]
         column_lists.append(inspector.get_pk_constraint(table).get("constrained_columns") or [])
     return {columns[0] for columns in column_lists if columns and columns[0]}
-
-
-def select_column(dialect: str, column: Column) -> str:
-    """A column as archiver reads it: JSON and UUIDs as text on PostgreSQL.
-
-    asyncpg via SQLAlchemy decodes json, which would turn JSON null into SQL NULL;
-    text keeps the document exactly.
-    """
-    quoted = f'"{column.name}"'
-    if dialect == "postgresql" and column.kind in (Kind.JSON, Kind.UUID):
-        return f"CAST({quoted} AS text) AS {quoted}"
-    return quoted
 
 
 def _column(col: Any, dialect: str) -> Column:

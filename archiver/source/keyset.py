@@ -1,4 +1,7 @@
-"""Finding sweep rows in one pass: a keyset walk over ``(time column, id)``.
+"""The keyset walk every sweep uses: one pass over a table in ``(time column, id)`` order.
+
+Each sweep (orphans, standalone task runs, stale collections, events; see
+``archiver.source.sweep_rows``) is a :class:`Walk` over one table.
 
 Prefect's older vacuum re-ran ``NOT EXISTS (SELECT … FROM flow_run …)`` over the
 whole log table for every batch of 200, so a full sweep cost O(N²/200) (Prefect
@@ -35,16 +38,18 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.models import TableRows
-from archiver.source.schema import PrefectSchema, select_column
-from archiver.source.selection import (
-    CHUNK,
+from archiver.source.dialect import (
+    chunks,
     from_db_time,
     in_list,
     list_statement,
     month_start,
     next_month,
+    row_lock,
+    select_column,
     to_db_time,
 )
+from archiver.source.schema import PrefectSchema
 
 
 @dataclass(frozen=True)
@@ -199,15 +204,14 @@ async def lock_rows(
     dialect = conn.dialect.name
     shape = schema.shape(walk.table)
     columns = ", ".join(select_column(dialect, column) for column in shape.columns)
-    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    lock = row_lock(dialect, "FOR UPDATE SKIP LOCKED")
     sql = (
         f"SELECT {columns} FROM {walk.table}"
         f" WHERE {in_list(dialect, walk.table + '.id')} AND {walk.conditions()}{lock}"
     )
     found = TableRows(shape)
-    size = CHUNK[dialect]
-    for start in range(0, len(ids), size):
-        params = {"ids": list(ids[start : start + size]), "cutoff": to_db_time(dialect, cutoff)}
+    for chunk in chunks(dialect, ids):
+        params = {"ids": chunk, "cutoff": to_db_time(dialect, cutoff)}
         result = await conn.execute(list_statement(sql, dialect, "ids"), params)
         found.rows.extend(tuple(row) for row in result.all())
     return found
