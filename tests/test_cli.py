@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from archiver.cli.app import app
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, write_config
-from tests.oracle import RUN_TABLES, archived_ids, db_rows
+from tests.oracle import archived_ids
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
@@ -29,21 +29,17 @@ def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
     )
 
 
-def snapshot(db: Any) -> dict[str, Any]:
-    return {table: db_rows(db, table) for table in RUN_TABLES}
-
-
 def test_run_without_enabled_only_reports(tmp_path: Path, database: Any, storage: Any) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     factory.make_tree(database, end_time=RECENT)
-    before = snapshot(database)
+    before = factory.snapshot(database)
 
     result = invoke("run", "--config", str(config_for(tmp_path, database, storage)))
 
     assert result.exit_code == 0, result.output
     assert "1 expired top-level runs" in result.stderr
     assert "dry run: nothing archived or deleted" in result.stderr
-    assert snapshot(database) == before
+    assert factory.snapshot(database) == before
 
 
 def test_run_with_yes_archives(tmp_path: Path, database: Any, storage: Any) -> None:
@@ -125,7 +121,7 @@ def test_retention_under_an_hour(tmp_path: Path) -> None:
 
 def test_missing_bucket_deletes_nothing(tmp_path: Path, database: Any, s3_storage: Any) -> None:
     factory.make_tree(database, end_time=EXPIRED)
-    before = snapshot(database)
+    before = factory.snapshot(database)
     config = write_config(
         tmp_path / "c.toml",
         database_url=database.url,
@@ -138,12 +134,12 @@ def test_missing_bucket_deletes_nothing(tmp_path: Path, database: Any, s3_storag
     result = invoke("run", "--config", str(config))
 
     assert_one_line_error(result, "no-such-bucket", "not found")
-    assert snapshot(database) == before
+    assert factory.snapshot(database) == before
 
 
 def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: Any) -> None:
     factory.make_tree(sqlite_database, end_time=EXPIRED)
-    before = snapshot(sqlite_database)
+    before = factory.snapshot(sqlite_database)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the archive folder should be")
     config = write_config(
@@ -157,7 +153,7 @@ def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: Any) -> No
     result = invoke("run", "--config", str(config))
 
     assert_one_line_error(result, "failed")
-    assert snapshot(sqlite_database) == before
+    assert factory.snapshot(sqlite_database) == before
 
 
 def test_help_for_every_command() -> None:

@@ -22,14 +22,9 @@ from archiver.engine.restore import RestoreOptions, restore
 from archiver.errors import ConcurrentChange, ConfigError, VerificationError
 from archiver.source.engine import DatabaseOptions, create_engine
 from tests import factory
+from tests.factory import RUN_TABLES
 from tests.helpers import EXPIRED, archive, fail_at, killed_at, write_config
-from tests.oracle import (
-    RUN_TABLES,
-    assert_archive_consistent,
-    assert_archive_equals,
-    assert_nothing_lost,
-    db_rows,
-)
+from tests.oracle import assert_archive_consistent, assert_archive_equals, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
 CRASH_POINTS = [step for step in STEPS if step != "done"]
@@ -70,7 +65,7 @@ def test_compacted_archive_reads_verifies_and_restores_as_before(
     database: Any, local_storage: Any
 ) -> None:
     trees = make_trees(database, 5)
-    rows_before = {table: db_rows(database, table) for table in RUN_TABLES}
+    rows_before = factory.snapshot(database)
     ids_before = {table: set(rows) for table, rows in rows_before.items()}
     archive(database, local_storage, batch_size=1)
     originals = [batch.batch_id for batch in batches(local_storage)]
@@ -102,7 +97,7 @@ def test_compacted_archive_reads_verifies_and_restores_as_before(
     assert_nothing_lost(database, local_storage, ids_before)
 
     restore_into(database, local_storage, ended_after=EXPIRED - timedelta(days=1))
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == rows_before
+    assert factory.snapshot(database) == rows_before
     assert local_storage.keys(".parquet") == []  # every run moved back out of the archive
 
 
@@ -115,7 +110,7 @@ def test_compact_on_s3_and_show_and_ls(
     sqlite_database: Any, s3_storage: Any, tmp_path: Path
 ) -> None:
     trees = make_trees(sqlite_database, 3)
-    rows_before = {table: db_rows(sqlite_database, table) for table in RUN_TABLES}
+    rows_before = factory.snapshot(sqlite_database)
     archive(sqlite_database, s3_storage, batch_size=1)
     config = write_config(tmp_path / "c.toml", s3_storage, database_url=sqlite_database.url)
 
@@ -131,7 +126,7 @@ def test_compact_on_s3_and_show_and_ls(
     assert shown.exit_code == 0 and trees[1].subflow_ids[0] in shown.stdout
     assert_archive_consistent(sqlite_database, s3_storage)
     restore_into(sqlite_database, s3_storage, run_ids=tuple(t.root_id for t in trees))
-    assert {table: db_rows(sqlite_database, table) for table in RUN_TABLES} == rows_before
+    assert factory.snapshot(sqlite_database) == rows_before
 
 
 @pytest.mark.sqlite
@@ -226,7 +221,7 @@ def test_sigkill_at_every_compaction_step(
     sqlite_database: Any, local_storage: Any, step: str
 ) -> None:
     make_trees(sqlite_database, 4)
-    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(sqlite_database)
     archive(sqlite_database, local_storage, batch_size=1)
 
     compact_in_child(sqlite_database, local_storage, step)
@@ -237,7 +232,7 @@ def test_sigkill_at_every_compaction_step(
 @pytest.mark.parametrize("step", ["marker", "verified", "committed", "removed"])
 def test_exception_at_compaction_steps(database: Any, local_storage: Any, step: str) -> None:
     make_trees(database, 4)
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     archive(database, local_storage, batch_size=1)
 
     with pytest.raises(RuntimeError, match="injected fault"):
@@ -262,7 +257,7 @@ def test_a_concurrent_recovery_never_breaks_a_compaction(database: Any, local_st
     """PostgreSQL: recovery leaves the locked compaction alone. SQLite: the compaction sees
     that recovery removed its files, and stops with the old batches intact."""
     make_trees(database, 3)
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     archive(database, local_storage, batch_size=1)
 
     def recover_meanwhile(step: str, batch_id: str) -> None:
@@ -292,7 +287,7 @@ def test_restore_moves_a_run_out_of_a_compacted_batch(
     sqlite_database: Any, local_storage: Any
 ) -> None:
     trees = make_trees(sqlite_database, 3)
-    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(sqlite_database)
     archive(sqlite_database, local_storage, batch_size=1)
     compact_archive(sqlite_database, local_storage)
 

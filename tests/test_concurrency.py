@@ -15,13 +15,7 @@ import pytest
 
 from tests import factory
 from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive
-from tests.oracle import (
-    RUN_TABLES,
-    assert_archive_consistent,
-    assert_nothing_lost,
-    committed_ids,
-    ledger,
-)
+from tests.oracle import assert_archive_consistent, assert_nothing_lost, committed_ids, ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +72,7 @@ def test_archivers_on_postgres_share_the_backlog(
     storage = local_storage
     ends = [EXPIRED - timedelta(seconds=i) for i in range(1500)]
     factory.make_trees(postgres_database, len(ends), end_time=ends, task_runs=1, logs_per_run=1)
-    before = {table: postgres_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(postgres_database)
 
     reports = run_together(postgres_database, storage, archivers, 25, tmp_path)
 
@@ -97,7 +91,7 @@ def test_archivers_on_sqlite_take_turns(
 ) -> None:
     ends = [EXPIRED - timedelta(seconds=i) for i in range(300)]
     factory.make_trees(sqlite_database, len(ends), end_time=ends, task_runs=1)
-    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(sqlite_database)
 
     run_together(sqlite_database, local_storage, 2, 20, tmp_path)
 
@@ -134,7 +128,7 @@ def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any)
     trees = factory.make_trees(
         database, 120, end_time=[EXPIRED - timedelta(minutes=i) for i in range(120)]
     )
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     writer = PrefectWriter(database, [tree.root_id for tree in trees])
     writer.start()
     try:

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from archiver.cli.app import app
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, write_config
-from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+from tests.oracle import assert_archive_consistent, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "docs" / "deploy"
@@ -43,7 +43,7 @@ def make_backlog(db: Any) -> dict[str, set[str]]:
     for i in range(2):
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i))
     factory.make_tree(db, end_time=RECENT)
-    return {table: db.ids(table) for table in RUN_TABLES}
+    return factory.snapshot_ids(db)
 
 
 def reports(storage: Any) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ import pytest
 
 from tests.factory import (
     LONG_LOG_LENGTH,
-    RUN_TABLES,
     SQL_NULL,
+    TREE_TABLES,
     TestDatabase,
     TestStorage,
     make_artifact,
@@ -155,7 +155,7 @@ def test_state_copies_are_consistent(database: TestDatabase):
     assert row["state_timestamp"] == row["timestamp"] == row["end_time"]
     assert row["run_count"] == 2  # Running, then Retrying
     assert row["result_artifact_id"] == tree.artifact_ids[0]
-    snap = snapshot(database)
+    snap = snapshot(database, TREE_TABLES, normalise=True)
     root = snap["flow_run"][tree.root_id]
     assert root["end_time"] == END
     assert root["total_run_time"] == timedelta(seconds=7, microseconds=123457) * 2
@@ -185,7 +185,7 @@ def test_state_copies_are_consistent(database: TestDatabase):
 def test_non_terminal_root_and_subflow(database: TestDatabase):
     running = make_tree(database, end_time=None)
     stuck = make_tree(database, end_time=END, subflow_depth=2, subflow_state_type="RUNNING")
-    snap = snapshot(database, ["flow_run"])["flow_run"]
+    snap = snapshot(database, ["flow_run"], normalise=True)["flow_run"]
     assert snap[running.root_id]["state_type"] == "RUNNING"
     assert snap[running.root_id]["end_time"] is None
     assert snap[stuck.root_id]["state_type"] == "COMPLETED"
@@ -202,7 +202,7 @@ def test_json_null_is_not_sql_null(database: TestDatabase):
     assert database.count("artifact", "metadata_ IS NULL") == 1
     as_json_null = make_artifact(database, flow_run_id=tree.root_id, data=None)
     as_sql_null = make_artifact(database, flow_run_id=tree.root_id, data=SQL_NULL)
-    artifacts = snapshot(database, ["artifact"])["artifact"]
+    artifacts = snapshot(database, ["artifact"], normalise=True)["artifact"]
     assert artifacts[as_json_null]["data"] == "null"
     assert artifacts[as_sql_null]["data"] is None
     # A bare JSON number: SQLite's NUMERIC affinity stores an INTEGER, PG json keeps the text.
@@ -252,9 +252,9 @@ def test_values_are_stored_as_prefect_stores_them(database: TestDatabase):
 def test_cascade_matches_the_dossier(database: TestDatabase):
     """Deleting a root cascades to its own rows and detaches its subflow (dossier 4.3)."""
     tree = make_tree(database, end_time=END, subflow_depth=1, task_run_state_cache=True)
-    before = snapshot(database)
+    before = snapshot(database, TREE_TABLES, normalise=True)
     assert database.execute("DELETE FROM flow_run WHERE id = :id", {"id": tree.root_id}) == 1
-    after = snapshot(database)
+    after = snapshot(database, TREE_TABLES, normalise=True)
     child = tree.flow_run_ids[1]
     assert after["flow_run"][child]["parent_task_run_id"] is None
     assert set(after["flow_run"]) == {child}
@@ -299,8 +299,8 @@ def test_snapshot_normalises_every_run_table(database: TestDatabase):
         task_run_state_cache=True,
         keyed_artifact_key="k",
     )
-    snap = snapshot(database)
-    assert set(snap) == set(RUN_TABLES)
+    snap = snapshot(database, TREE_TABLES, normalise=True)
+    assert set(snap) == set(TREE_TABLES)
     for table, rows in snap.items():
         assert rows, table
         for row_id, row in rows.items():

@@ -19,16 +19,16 @@ from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
 from archiver.source.selection import _Reader
 from tests import factory, oracle
+from tests.factory import RUN_TABLES
 from tests.helpers import EXPIRED, NOW, RECENT, archive
-from tests.oracle import RUN_TABLES, archived_ids, assert_archive_equals, db_rows
+from tests.oracle import archived_ids, assert_archive_equals
 
 
 def remaining(db: Any, ids_by_table: dict[str, set[str]]) -> dict[str, set[str]]:
     """Which of the given ids are still in the database, per table."""
     left = {}
     for table, ids in ids_by_table.items():
-        present = set(db_rows(db, table))
-        left[table] = ids & present
+        left[table] = ids & db.ids(table)
     return left
 
 
@@ -49,7 +49,7 @@ def test_expired_trees_archived_and_everything_else_untouched(database: Any, sto
         factory.make_tree(database, end_time=EXPIRED, state_type="SCHEDULED"),
         factory.make_tree(database, end_time=EXPIRED, state_type="PAUSED"),
     ]
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     report = archive(database, storage)
 
@@ -57,7 +57,7 @@ def test_expired_trees_archived_and_everything_else_untouched(database: Any, sto
     assert report.archived_roots == 3
     assert remaining(database, gone) == {table: set() for table in RUN_TABLES}
     kept_ids = union(*kept)
-    after = {table: db_rows(database, table) for table in RUN_TABLES}
+    after = factory.snapshot(database)
     for table in RUN_TABLES:
         assert kept_ids[table] <= set(after[table]), table
         untouched = {i: row for i, row in before[table].items() if i not in gone[table]}
@@ -70,7 +70,7 @@ def test_parquet_equals_deleted_rows_value_for_value(database: Any, storage: Any
     for i in range(2):
         factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1,
                           task_run_state_cache=True, keyed_artifact_key=f"report-{i}")  # fmt: skip
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     archive(database, storage)
 
@@ -136,12 +136,12 @@ def test_max_batches_stops_early(database: Any, storage: Any) -> None:
 
 def test_dry_run_deletes_and_writes_nothing(database: Any, storage: Any) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     report = archive(database, storage, dry_run=True)
 
     assert report.dry_run and report.expired_roots == 1 and not report.batches
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
     assert storage.list_files("") == []
     assert tree.root_id in before["flow_run"]
 
@@ -165,12 +165,12 @@ def test_log_written_after_selection_survives(database: Any, storage: Any) -> No
 
     assert database.count("log", "id = :id", {"id": late_log["id"]}) == 1
     assert late_log["id"] not in archived_ids(storage)["log"]
-    assert tree.root_id not in db_rows(database, "flow_run")
+    assert tree.root_id not in database.ids("flow_run")
 
 
 def test_storage_failure_mid_batch_leaves_database_unchanged(database: Any, storage: Any) -> None:
     factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     def break_storage(step: str, batch_id: str) -> None:
         if step == "marker":
@@ -179,12 +179,12 @@ def test_storage_failure_mid_batch_leaves_database_unchanged(database: Any, stor
     with pytest.raises(BatchError, match="nothing in it was deleted"):
         archive(database, storage, hook=break_storage)
 
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
 
 
 def test_corrupted_read_back_rolls_back(database: Any, storage: Any) -> None:
     factory.make_tree(database, end_time=EXPIRED)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     def corrupt(step: str, batch_id: str) -> None:
         if step == "files":
@@ -196,7 +196,7 @@ def test_corrupted_read_back_rolls_back(database: Any, storage: Any) -> None:
         archive(database, storage, hook=corrupt)
 
     assert isinstance(raised.value.cause, VerificationError)
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
     assert storage.list_files(".parquet") == []
 
 
@@ -223,7 +223,7 @@ def test_cutoff_is_exclusive_and_uses_end_time(database: Any, storage: Any) -> N
     archive(database, storage, now=NOW)
 
     assert archived_ids(storage)["flow_run"] == {old.root_id}
-    assert boundary.root_id in db_rows(database, "flow_run")
+    assert boundary.root_id in database.ids("flow_run")
 
 
 def test_files_and_manifest_describe_themselves(database: Any, storage: Any) -> None:

@@ -20,13 +20,8 @@ from archiver.cli.plan import Plan, plan
 from archiver.source.engine import DatabaseOptions, create_engine, read_only_connection
 from tests import factory
 from tests.helpers import EXPIRED, RECENT, archive, options, write_config
-from tests.oracle import RUN_TABLES, db_rows
 
 LAST_MONTH = EXPIRED - timedelta(days=31)
-
-
-def snapshot(db: Any) -> dict[str, Any]:
-    return {table: db_rows(db, table) for table in RUN_TABLES}
 
 
 def make_mixed_trees(db: Any) -> None:
@@ -60,11 +55,11 @@ def test_plan_counts_what_the_next_run_archives(
     tmp_path: Path, database: Any, local_storage: Any
 ) -> None:
     make_mixed_trees(database)
-    before = snapshot(database)
+    before = factory.snapshot(database)
 
     planned = plan_json(tmp_path, database, local_storage, batch_size=3)
 
-    assert snapshot(database) == before and local_storage.list_files("") == []
+    assert factory.snapshot(database) == before and local_storage.list_files("") == []
     report = archive(database, local_storage, batch_size=3)
     assert planned["rows"] == {table: report.rows.get(table, 0) for table in planned["rows"]}
     assert planned["rows"]["task_run_state_cache"] > 0 and planned["rows"]["log"] > 0

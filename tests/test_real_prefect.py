@@ -13,8 +13,10 @@ from typing import Any
 
 from archiver.engine.restore import RestoreOptions, restore
 from archiver.source.engine import DatabaseOptions
+from tests import factory
+from tests.factory import RUN_TABLES
 from tests.helpers import NOW, archive
-from tests.oracle import RUN_TABLES, archived_rows, assert_archive_equals, db_rows
+from tests.oracle import archived_rows, assert_archive_equals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +42,7 @@ def run_prefect_flows(db: Any, home: Path, parents: int) -> None:
 
 def test_archive_what_prefect_wrote(database: Any, local_storage: Any, tmp_path: Path) -> None:
     run_prefect_flows(database, tmp_path / "prefect-home", parents=2)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
     assert len(before["flow_run"]) == 6  # 2 parents x (1 + 2 subflows)
     assert before["task_run"] and before["task_run_state"] and before["log"]
 

@@ -15,13 +15,12 @@ from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.errors import ArchiverError
 from archiver.source.engine import DatabaseOptions
 from tests import factory
+from tests.factory import RUN_TABLES
 from tests.helpers import EXPIRED, archive
 from tests.oracle import (
-    RUN_TABLES,
     archived_ids,
     assert_archive_consistent,
     assert_nothing_lost,
-    db_rows,
     field_kinds,
     normalise,
 )
@@ -47,14 +46,14 @@ def make_trees(db: Any, count: int) -> list[factory.Tree]:
 
 def test_round_trip_into_the_same_database(database: Any, storage: Any) -> None:
     make_trees(database, 3)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
     archive(database, storage, batch_size=2)
     assert database.count("flow_run") == 0
 
     report = restore_into(database, storage, ended_after=EXPIRED - timedelta(days=1))
 
     assert report.runs == 3 and len(report.batches) == 2
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
 
 
 @pytest.mark.sqlite
@@ -63,7 +62,7 @@ def test_round_trip_from_sqlite_into_postgres(
     sqlite_database: Any, postgres_database: Any, local_storage: Any
 ) -> None:
     make_trees(sqlite_database, 2)
-    before = {table: db_rows(sqlite_database, table) for table in RUN_TABLES}
+    before = factory.snapshot(sqlite_database)
     factory.make_flow(postgres_database)  # the target has flows of its own
     archive(sqlite_database, local_storage)
 
@@ -71,7 +70,7 @@ def test_round_trip_from_sqlite_into_postgres(
 
     for table in RUN_TABLES:
         kinds = field_kinds(local_storage, table)
-        after = db_rows(postgres_database, table)
+        after = factory.db_rows(postgres_database, table)
         assert set(after) == set(before[table]), table
         for row_id, original in before[table].items():
             for column, value in original.items():
@@ -104,7 +103,7 @@ def test_existing_rows_are_skipped_or_refused(
     archive(sqlite_database, local_storage)
     # a copy into another database, then again: every row is there already
     first = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
-    before = {table: db_rows(postgres_database, table) for table in RUN_TABLES}
+    before = factory.snapshot(postgres_database)
 
     again = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
     with pytest.raises(ArchiverError, match="already exist"):
@@ -114,7 +113,7 @@ def test_existing_rows_are_skipped_or_refused(
 
     assert first.inserted["flow_run"] == 2 and again.inserted["flow_run"] == 0
     assert again.existing["flow_run"] == 2
-    assert {table: db_rows(postgres_database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(postgres_database) == before
 
 
 def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
@@ -153,7 +152,7 @@ def test_restore_moves_rows_out_of_the_archive_so_they_can_be_archived_again(
     database: Any, storage: Any
 ) -> None:
     trees = make_trees(database, 3)
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     archive(database, storage)  # one batch with all three
 
     report = restore_into(database, storage, run_ids=(trees[1].root_id,))

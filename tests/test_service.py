@@ -31,7 +31,7 @@ from archiver.cli.service import Service
 from archiver.errors import ArchiverError, TransientDatabaseError, VerificationError
 from tests import factory
 from tests.helpers import EXPIRED, archive, options, write_config
-from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+from tests.oracle import assert_archive_consistent, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_expired(db: Any, count: int) -> dict[str, set[str]]:
     for i in range(count):
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=i % 2)
-    return {table: db.ids(table) for table in RUN_TABLES}
+    return factory.snapshot_ids(db)
 
 
 def config(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> str:

@@ -22,20 +22,15 @@ from archiver.engine.sweeps import SweepOptions, count_sweeps
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
 from tests import factory
+from tests.factory import RUN_TABLES
 from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, fail_at, write_config
-from tests.oracle import (
-    RUN_TABLES,
-    archived_rows,
-    assert_archive_consistent,
-    assert_nothing_lost,
-)
+from tests.oracle import archived_rows, assert_archive_consistent, assert_nothing_lost
 from tests.test_crash import crash_in_child
 
 SWEEP_TABLES = ("events", "event_resources", "artifact_collection")
 
 
-def snapshot_ids(db: Any) -> dict[str, set[str]]:
-    return {table: db.ids(table) for table in (*RUN_TABLES, *SWEEP_TABLES)}
+TABLES = (*RUN_TABLES, *SWEEP_TABLES)
 
 
 def make_orphans(db: Any) -> dict[str, Any]:
@@ -70,7 +65,7 @@ def make_orphans(db: Any) -> dict[str, Any]:
 def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage: Any) -> None:
     made = make_orphans(database)
     expired = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TABLES)
     collection_before = database.rows('SELECT id, "key" FROM artifact_collection')
 
     report = archive(database, local_storage, sweep_batch_size=100)
@@ -102,7 +97,7 @@ def test_orphans_in_many_batches_with_kind_in_the_parquet_metadata(
 ) -> None:
     months = [EXPIRED - timedelta(days=31 * (i % 2), minutes=i) for i in range(9)]
     orphans = {factory.make_log(database, flow_run_id=factory.uuid4(), timestamp=t) for t in months}
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TABLES)
 
     report = archive(database, local_storage, sweep_batch_size=2)
 
@@ -138,7 +133,7 @@ def test_standalone_task_runs_archived_with_states_and_logs(
     old_states = database.ids("task_run_state", "task_run_id = :t", {"t": old_task})
     old_logs = database.ids("log", "task_run_id = :t", {"t": old_task})
     assert old_states and old_logs
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TABLES)
 
     report = archive(database, local_storage, sweep_batch_size=1)
 
@@ -248,7 +243,7 @@ def test_sqlite_rows_orphaned_with_foreign_keys_off(
     sqlite_database: Any, local_storage: Any
 ) -> None:
     tree = factory.make_tree(sqlite_database, end_time=EXPIRED, subflow_depth=1)
-    before = snapshot_ids(sqlite_database)
+    before = factory.snapshot_ids(sqlite_database, TABLES)
     raw = sqlite3.connect(sqlite_database.path)  # foreign_keys is OFF by default here
     with raw:
         raw.execute("DELETE FROM flow_run WHERE id = ?", (tree.root_id,))
@@ -319,7 +314,7 @@ def test_count_sweeps_matches_what_a_run_takes(database: Any, local_storage: Any
 )
 def test_a_failing_sweep_batch_loses_nothing(database: Any, local_storage: Any, step: str) -> None:
     made = make_orphans(database)
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TABLES)
 
     with pytest.raises(RuntimeError, match="injected fault"):
         archive(database, local_storage, hook=fail_at(step), sweep_batch_size=2)
@@ -340,7 +335,7 @@ def finish_sweeps(db: Any, storage: Any, before: dict[str, set[str]], made: dict
 @pytest.mark.parametrize("step", ["deleted", "committed"])
 def test_sweep_killed_mid_batch_loses_nothing(database: Any, local_storage: Any, step: str) -> None:
     made = make_orphans(database)
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TABLES)
 
     crash_in_child(database, local_storage, step, 1)
 
