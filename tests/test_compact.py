@@ -21,12 +21,11 @@ from archiver.engine.recovery import recover
 from archiver.engine.restore import RestoreOptions, restore
 from archiver.errors import ConcurrentChange, ConfigError, VerificationError
 from archiver.source.engine import DatabaseOptions, create_engine
-from tests import factory
+from tests import factory, kill
 from tests.factory import RUN_TABLES
-from tests.helpers import EXPIRED, archive, fail_at, killed_at, write_config
+from tests.helpers import EXPIRED, archive, fail_at, write_config
 from tests.oracle import assert_archive_consistent, assert_archive_equals, assert_nothing_lost
 
-ROOT = Path(__file__).resolve().parent.parent
 CRASH_POINTS = [step for step in STEPS if step != "done"]
 
 
@@ -186,18 +185,6 @@ def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
         compact_archive(sqlite_database, local_storage)
 
 
-def compact_in_child(db: Any, storage: Any, kill_at: str) -> None:
-    killed_at(
-        kill_at,
-        "from archiver.engine.compact import CompactOptions, compact\n"
-        "from archiver.source.engine import DatabaseOptions",
-        f"options = CompactOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
-        f"{storage.options!r})\n"
-        "asyncio.run(compact(options, hook))",
-        ROOT,
-    )
-
-
 def check_after_fault(db: Any, storage: Any, before: dict[str, set[str]], step: str) -> None:
     """Exact for archiver's readers at once; consistent after the next compact (recovery)."""
     assert_nothing_lost(db, storage, before)
@@ -224,7 +211,7 @@ def test_sigkill_at_every_compaction_step(
     before = factory.snapshot_ids(sqlite_database)
     archive(sqlite_database, local_storage, batch_size=1)
 
-    compact_in_child(sqlite_database, local_storage, step)
+    kill.killed_at(kill.Job.of("compact", sqlite_database, local_storage), step)
 
     check_after_fault(sqlite_database, local_storage, before, step)
 

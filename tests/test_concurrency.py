@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -13,31 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests import factory
-from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive
+from tests import factory, kill
+from tests.helpers import EXPIRED, NOW, RECENT, archive
 from tests.oracle import assert_archive_consistent, assert_nothing_lost, committed_ids, ledger
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_archiver(
-    db: Any, storage: Any, batch_size: int, start_file: Path
-) -> subprocess.Popen[str]:
-    spec = {
-        "start_file": str(start_file),
-        "database_url": db.url,
-        "storage_url": storage.url,
-        "storage_options": storage.options,
-        "retention_seconds": RETENTION.total_seconds(),
-        "batch_size": batch_size,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_runner", json.dumps(spec)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def run_together(
@@ -45,7 +21,8 @@ def run_together(
 ) -> list[dict[str, Any]]:
     """Start ``count`` archiver processes and let them go at the same moment."""
     start_file = tmp_path / "go"
-    children = [start_archiver(db, storage, batch_size, start_file) for _ in range(count)]
+    job = kill.Job.of("run", db, storage, batch_size=batch_size)
+    children = [kill.start(job, start_file=start_file) for _ in range(count)]
     outputs = []
     try:
         deadline = time.monotonic() + 120

@@ -21,16 +21,14 @@ from archiver.engine.restore import RestoreOptions, restore
 from archiver.engine.sweeps import SweepOptions, count_sweeps
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
-from tests import factory
+from tests import factory, kill
 from tests.factory import RUN_TABLES
 from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, fail_at, write_config
 from tests.oracle import archived_rows, assert_archive_consistent, assert_nothing_lost
-from tests.test_crash import crash_in_child
 
 SWEEP_TABLES = ("events", "event_resources", "artifact_collection")
-
-
-TABLES = (*RUN_TABLES, *SWEEP_TABLES)
+#: Every table a run or a sweep may take rows from.
+TAKEN_TABLES = (*RUN_TABLES, *SWEEP_TABLES)
 
 
 def make_orphans(db: Any) -> dict[str, Any]:
@@ -65,7 +63,7 @@ def make_orphans(db: Any) -> dict[str, Any]:
 def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage: Any) -> None:
     made = make_orphans(database)
     expired = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
-    before = factory.snapshot_ids(database, TABLES)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
     collection_before = database.rows('SELECT id, "key" FROM artifact_collection')
 
     report = archive(database, local_storage, sweep_batch_size=100)
@@ -97,7 +95,7 @@ def test_orphans_in_many_batches_with_kind_in_the_parquet_metadata(
 ) -> None:
     months = [EXPIRED - timedelta(days=31 * (i % 2), minutes=i) for i in range(9)]
     orphans = {factory.make_log(database, flow_run_id=factory.uuid4(), timestamp=t) for t in months}
-    before = factory.snapshot_ids(database, TABLES)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     report = archive(database, local_storage, sweep_batch_size=2)
 
@@ -133,7 +131,7 @@ def test_standalone_task_runs_archived_with_states_and_logs(
     old_states = database.ids("task_run_state", "task_run_id = :t", {"t": old_task})
     old_logs = database.ids("log", "task_run_id = :t", {"t": old_task})
     assert old_states and old_logs
-    before = factory.snapshot_ids(database, TABLES)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     report = archive(database, local_storage, sweep_batch_size=1)
 
@@ -243,7 +241,7 @@ def test_sqlite_rows_orphaned_with_foreign_keys_off(
     sqlite_database: Any, local_storage: Any
 ) -> None:
     tree = factory.make_tree(sqlite_database, end_time=EXPIRED, subflow_depth=1)
-    before = factory.snapshot_ids(sqlite_database, TABLES)
+    before = factory.snapshot_ids(sqlite_database, TAKEN_TABLES)
     raw = sqlite3.connect(sqlite_database.path)  # foreign_keys is OFF by default here
     with raw:
         raw.execute("DELETE FROM flow_run WHERE id = ?", (tree.root_id,))
@@ -314,7 +312,7 @@ def test_count_sweeps_matches_what_a_run_takes(database: Any, local_storage: Any
 )
 def test_a_failing_sweep_batch_loses_nothing(database: Any, local_storage: Any, step: str) -> None:
     made = make_orphans(database)
-    before = factory.snapshot_ids(database, TABLES)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     with pytest.raises(RuntimeError, match="injected fault"):
         archive(database, local_storage, hook=fail_at(step), sweep_batch_size=2)
@@ -335,9 +333,9 @@ def finish_sweeps(db: Any, storage: Any, before: dict[str, set[str]], made: dict
 @pytest.mark.parametrize("step", ["deleted", "committed"])
 def test_sweep_killed_mid_batch_loses_nothing(database: Any, local_storage: Any, step: str) -> None:
     made = make_orphans(database)
-    before = factory.snapshot_ids(database, TABLES)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
-    crash_in_child(database, local_storage, step, 1)
+    kill.killed_at(kill.Job.of("run", database, local_storage, batch_size=2), step)
 
     assert_nothing_lost(database, local_storage, before)
     finish_sweeps(database, local_storage, before, made)
