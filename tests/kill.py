@@ -22,14 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from archiver import run
-from archiver.engine.compact import CompactOptions, compact
-from archiver.engine.restore import RestoreOptions, restore
+from archiver import RunReport, run
+from archiver.engine.compact import CompactOptions, CompactReport, compact
+from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.source.engine import DatabaseOptions
 from tests.factory import TestDatabase, TestStorage
 from tests.helpers import run_options
@@ -115,14 +115,14 @@ def _child_command(job: Job, **order: Any) -> list[str]:
 # -- the child ---------------------------------------------------------------------------------
 
 
-async def _run(job: Job, hook: Hook | None) -> Any:
+async def _run(job: Job, hook: Hook | None) -> RunReport:
     options = run_options(
         job.database_url, job.storage_url, job.storage_options, batch_size=job.batch_size
     )
     return await run(options, hook)
 
 
-async def _restore(job: Job, hook: Hook | None) -> Any:
+async def _restore(job: Job, hook: Hook | None) -> RestoreReport:
     options = RestoreOptions(
         DatabaseOptions(job.database_url),
         job.storage_url,
@@ -132,14 +132,15 @@ async def _restore(job: Job, hook: Hook | None) -> Any:
     return await restore(options, hook)
 
 
-async def _compact(job: Job, hook: Hook | None) -> Any:
+async def _compact(job: Job, hook: Hook | None) -> CompactReport:
     options = CompactOptions(
         DatabaseOptions(job.database_url), job.storage_url, job.storage_options
     )
     return await compact(options, hook)
 
 
-_OPERATIONS: dict[str, Callable[[Job, Hook | None], Awaitable[Any]]] = {
+Report = RunReport | RestoreReport | CompactReport
+_OPERATIONS: dict[str, Callable[[Job, Hook | None], Coroutine[Any, Any, Report]]] = {
     "run": _run,
     "restore": _restore,
     "compact": _compact,

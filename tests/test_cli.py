@@ -6,19 +6,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from archiver.cli.app import app
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, RECENT, write_config
 from tests.oracle import archived_ids
 
 
-def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(app, list(args), env=env)
 
 
-def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
+def config_for(tmp_path: Path, db: TestDatabase, storage: TestStorage, **extra: Any) -> Path:
     return write_config(
         tmp_path / "archiver.toml",
         storage,
@@ -29,7 +30,9 @@ def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
     )
 
 
-def test_run_without_enabled_only_reports(tmp_path: Path, database: Any, storage: Any) -> None:
+def test_run_without_enabled_only_reports(
+    tmp_path: Path, database: TestDatabase, storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     factory.make_tree(database, end_time=RECENT)
     before = factory.snapshot(database)
@@ -42,7 +45,9 @@ def test_run_without_enabled_only_reports(tmp_path: Path, database: Any, storage
     assert factory.snapshot(database) == before
 
 
-def test_run_with_yes_archives(tmp_path: Path, database: Any, storage: Any) -> None:
+def test_run_with_yes_archives(
+    tmp_path: Path, database: TestDatabase, storage: TestStorage
+) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
 
     result = invoke("run", "--yes", "--config", str(config_for(tmp_path, database, storage)))
@@ -53,7 +58,9 @@ def test_run_with_yes_archives(tmp_path: Path, database: Any, storage: Any) -> N
     assert database.count("flow_run") == 0
 
 
-def test_enabled_in_environment(tmp_path: Path, sqlite_database: Any, local_storage: Any) -> None:
+def test_enabled_in_environment(
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_tree(sqlite_database, end_time=EXPIRED)
     config = config_for(tmp_path, sqlite_database, local_storage)
 
@@ -63,7 +70,7 @@ def test_enabled_in_environment(tmp_path: Path, sqlite_database: Any, local_stor
     assert sqlite_database.count("flow_run") == 0
 
 
-def assert_one_line_error(result: Any, *fragments: str) -> None:
+def assert_one_line_error(result: Result, *fragments: str) -> None:
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -119,7 +126,9 @@ def test_retention_under_an_hour(tmp_path: Path) -> None:
     assert_one_line_error(invoke("run", "--config", str(config)), "at least 1 hour")
 
 
-def test_missing_bucket_deletes_nothing(tmp_path: Path, database: Any, s3_storage: Any) -> None:
+def test_missing_bucket_deletes_nothing(
+    tmp_path: Path, database: TestDatabase, s3_storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     before = factory.snapshot(database)
     config = write_config(
@@ -137,7 +146,7 @@ def test_missing_bucket_deletes_nothing(tmp_path: Path, database: Any, s3_storag
     assert factory.snapshot(database) == before
 
 
-def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: Any) -> None:
+def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: TestDatabase) -> None:
     factory.make_tree(sqlite_database, end_time=EXPIRED)
     before = factory.snapshot(sqlite_database)
     blocker = tmp_path / "blocker"
@@ -163,7 +172,7 @@ def test_help_for_every_command() -> None:
 
 
 def test_missing_end_time_index_is_reported(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     database.execute("DROP INDEX ix_flow_run__end_time_desc")
 

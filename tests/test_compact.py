@@ -13,23 +13,31 @@ import pytest
 from typer.testing import CliRunner
 
 from archiver import open_archive
+from archiver.archive.manifest import BatchManifest
 from archiver.archive.storage import Storage
 from archiver.archive.verify import list_batches, verify_archive
 from archiver.cli.app import app
-from archiver.engine.compact import STEPS, CompactOptions, CompactReport, compact, parse_size
+from archiver.engine.compact import (
+    STEPS,
+    CompactOptions,
+    CompactReport,
+    StepHook,
+    compact,
+    parse_size,
+)
 from archiver.engine.recovery import recover
-from archiver.engine.restore import RestoreOptions, restore
+from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.errors import ConcurrentChange, ConfigError, VerificationError
 from archiver.source.engine import DatabaseOptions, create_engine
 from tests import factory, kill
-from tests.factory import RUN_TABLES
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive, fail_at, write_config
 from tests.oracle import assert_archive_consistent, assert_archive_equals, assert_nothing_lost
 
 CRASH_POINTS = [step for step in STEPS if step != "done"]
 
 
-def make_trees(db: Any, count: int) -> list[factory.Tree]:
+def make_trees(db: TestDatabase, count: int) -> list[factory.Tree]:
     return [
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=i % 2,
                           task_run_state_cache=i == 0)
@@ -37,21 +45,23 @@ def make_trees(db: Any, count: int) -> list[factory.Tree]:
     ]  # fmt: skip
 
 
-def compact_archive(db: Any, storage: Any, hook: Any = None, **overrides: Any) -> CompactReport:
+def compact_archive(
+    db: TestDatabase, storage: TestStorage, hook: StepHook | None = None, **overrides: Any
+) -> CompactReport:
     options = CompactOptions(DatabaseOptions(db.url), storage.url, storage.options, **overrides)
     return asyncio.run(compact(options, hook))
 
 
-def restore_into(db: Any, storage: Any, **selection: Any) -> Any:
+def restore_into(db: TestDatabase, storage: TestStorage, **selection: Any) -> RestoreReport:
     options = RestoreOptions(DatabaseOptions(db.url), storage.url, storage.options, **selection)
     return asyncio.run(restore(options))
 
 
-def batches(storage: Any) -> list[Any]:
+def batches(storage: TestStorage) -> list[BatchManifest]:
     return list_batches(Storage(storage.url, storage.options))
 
 
-def exactly_once_through_manifests(storage: Any, before: dict[str, set[str]]) -> None:
+def exactly_once_through_manifests(storage: TestStorage, before: dict[str, set[str]]) -> None:
     """open_archive (manifest-driven) shows every archived row once, whatever the moment."""
     tables = open_archive(storage.url, storage.options)
     for table in RUN_TABLES:
@@ -61,7 +71,7 @@ def exactly_once_through_manifests(storage: Any, before: dict[str, set[str]]) ->
 
 
 def test_compacted_archive_reads_verifies_and_restores_as_before(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(database, 5)
     rows_before = factory.snapshot(database)
@@ -83,7 +93,7 @@ def test_compacted_archive_reads_verifies_and_restores_as_before(
     verified = asyncio.run(verify_archive(Storage(local_storage.url, local_storage.options)))
     assert verified.sound and verified.batches == 1, verified.problems
     exactly_once_through_manifests(local_storage, ids_before)
-    count = duckdb.sql(
+    count = duckdb.execute(
         f"SELECT count(*) FROM read_parquet('{local_storage.url}/log/*/*.parquet', "
         "hive_partitioning = true)"
     ).fetchall()
@@ -100,13 +110,13 @@ def test_compacted_archive_reads_verifies_and_restores_as_before(
     assert local_storage.keys(".parquet") == []  # every run moved back out of the archive
 
 
-def batches_roots(batch_id: str, merged: Any) -> set[str]:
+def batches_roots(batch_id: str, merged: BatchManifest) -> set[str]:
     return set(merged.compacted_from[batch_id])
 
 
 @pytest.mark.sqlite
 def test_compact_on_s3_and_show_and_ls(
-    sqlite_database: Any, s3_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, s3_storage: TestStorage, tmp_path: Path
 ) -> None:
     trees = make_trees(sqlite_database, 3)
     rows_before = factory.snapshot(sqlite_database)
@@ -130,7 +140,7 @@ def test_compact_on_s3_and_show_and_ls(
 
 @pytest.mark.sqlite
 def test_target_size_splits_and_dry_run_writes_nothing(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     make_trees(sqlite_database, 6)
     archive(sqlite_database, local_storage, batch_size=1)
@@ -164,7 +174,7 @@ def test_parse_size() -> None:
 
 @pytest.mark.sqlite
 def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     make_trees(sqlite_database, 3)
     archive(sqlite_database, local_storage, batch_size=1)
@@ -185,7 +195,9 @@ def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
         compact_archive(sqlite_database, local_storage)
 
 
-def check_after_fault(db: Any, storage: Any, before: dict[str, set[str]], step: str) -> None:
+def check_after_fault(
+    db: TestDatabase, storage: TestStorage, before: dict[str, set[str]], step: str
+) -> None:
     """Exact for archiver's readers at once; consistent after the next compact (recovery)."""
     assert_nothing_lost(db, storage, before)
     exactly_once_through_manifests(storage, before)
@@ -205,7 +217,7 @@ def check_after_fault(db: Any, storage: Any, before: dict[str, set[str]], step: 
 @pytest.mark.sqlite
 @pytest.mark.parametrize("step", CRASH_POINTS)
 def test_sigkill_at_every_compaction_step(
-    sqlite_database: Any, local_storage: Any, step: str
+    sqlite_database: TestDatabase, local_storage: TestStorage, step: str
 ) -> None:
     make_trees(sqlite_database, 4)
     before = factory.snapshot_ids(sqlite_database)
@@ -217,7 +229,9 @@ def test_sigkill_at_every_compaction_step(
 
 
 @pytest.mark.parametrize("step", ["marker", "verified", "committed", "removed"])
-def test_exception_at_compaction_steps(database: Any, local_storage: Any, step: str) -> None:
+def test_exception_at_compaction_steps(
+    database: TestDatabase, local_storage: TestStorage, step: str
+) -> None:
     make_trees(database, 4)
     before = factory.snapshot_ids(database)
     archive(database, local_storage, batch_size=1)
@@ -231,7 +245,9 @@ def test_exception_at_compaction_steps(database: Any, local_storage: Any, step: 
     check_after_fault_in_process(database, local_storage, before)
 
 
-def check_after_fault_in_process(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
+def check_after_fault_in_process(
+    db: TestDatabase, storage: TestStorage, before: dict[str, set[str]]
+) -> None:
     assert_nothing_lost(db, storage, before)
     exactly_once_through_manifests(storage, before)
     compact_archive(db, storage)
@@ -240,7 +256,9 @@ def check_after_fault_in_process(db: Any, storage: Any, before: dict[str, set[st
     assert len(batches(storage)) == 1
 
 
-def test_a_concurrent_recovery_never_breaks_a_compaction(database: Any, local_storage: Any) -> None:
+def test_a_concurrent_recovery_never_breaks_a_compaction(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     """PostgreSQL: recovery leaves the locked compaction alone. SQLite: the compaction sees
     that recovery removed its files, and stops with the old batches intact."""
     make_trees(database, 3)
@@ -262,7 +280,7 @@ def test_a_concurrent_recovery_never_breaks_a_compaction(database: Any, local_st
     assert_nothing_lost(database, local_storage, before)
 
 
-async def recover_once(db: Any, storage: Any) -> list[str]:
+async def recover_once(db: TestDatabase, storage: TestStorage) -> list[str]:
     engine = create_engine(DatabaseOptions(db.url))
     try:
         return await recover(engine, Storage(storage.url, storage.options))
@@ -271,7 +289,7 @@ async def recover_once(db: Any, storage: Any) -> list[str]:
 
 
 def test_restore_moves_a_run_out_of_a_compacted_batch(
-    sqlite_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(sqlite_database, 3)
     before = factory.snapshot_ids(sqlite_database)

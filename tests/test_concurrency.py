@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 
 from tests import factory, kill
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, NOW, RECENT, archive
 from tests.oracle import assert_archive_consistent, assert_nothing_lost, committed_ids, ledger
 
 
 def run_together(
-    db: Any, storage: Any, count: int, batch_size: int, tmp_path: Path
+    db: TestDatabase, storage: TestStorage, count: int, batch_size: int, tmp_path: Path
 ) -> list[dict[str, Any]]:
     """Start ``count`` archiver processes and let them go at the same moment."""
     start_file = tmp_path / "go"
@@ -44,7 +45,7 @@ def run_together(
 
 @pytest.mark.parametrize("archivers", [2, 4])
 def test_archivers_on_postgres_share_the_backlog(
-    postgres_database: Any, local_storage: Any, archivers: int, tmp_path: Path
+    postgres_database: TestDatabase, local_storage: TestStorage, archivers: int, tmp_path: Path
 ) -> None:
     storage = local_storage
     ends = [EXPIRED - timedelta(seconds=i) for i in range(1500)]
@@ -64,7 +65,7 @@ def test_archivers_on_postgres_share_the_backlog(
 
 
 def test_archivers_on_sqlite_take_turns(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     ends = [EXPIRED - timedelta(seconds=i) for i in range(300)]
     factory.make_trees(sqlite_database, len(ends), end_time=ends, task_runs=1)
@@ -80,7 +81,7 @@ def test_archivers_on_sqlite_take_turns(
 class PrefectWriter(threading.Thread):
     """Writes like a busy Prefect server: logs for old runs, new runs, logs for new runs."""
 
-    def __init__(self, db: Any, old_root_ids: list[str]) -> None:
+    def __init__(self, db: TestDatabase, old_root_ids: list[str]) -> None:
         super().__init__(daemon=True)
         self.db = db
         self.old_root_ids = old_root_ids
@@ -101,7 +102,9 @@ class PrefectWriter(threading.Thread):
             time.sleep(0.002)
 
 
-def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any) -> None:
+def test_prefect_writing_during_a_run_loses_nothing(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     trees = factory.make_trees(
         database, 120, end_time=[EXPIRED - timedelta(minutes=i) for i in range(120)]
     )
@@ -126,7 +129,7 @@ def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any)
 
 
 def test_runs_locked_by_another_archiver_are_passed_over(
-    postgres_database: Any, local_storage: Any
+    postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     older = factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(days=60))
     newer = factory.make_tree(postgres_database, end_time=EXPIRED)
@@ -143,7 +146,7 @@ def test_runs_locked_by_another_archiver_are_passed_over(
 
 
 def test_live_trees_are_not_locked_while_a_batch_runs(
-    postgres_database: Any, local_storage: Any
+    postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     live = factory.make_tree(
         postgres_database, end_time=EXPIRED, subflow_depth=1, subflow_state_type="RUNNING"

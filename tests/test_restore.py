@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.errors import ArchiverError
 from archiver.source.engine import DatabaseOptions
 from tests import factory
-from tests.factory import RUN_TABLES
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive
 from tests.oracle import (
     archived_ids,
@@ -26,7 +27,7 @@ from tests.oracle import (
 )
 
 
-def restore_into(db: Any, storage: Any, **selection: Any) -> RestoreReport:
+def restore_into(db: TestDatabase, storage: TestStorage, **selection: Any) -> RestoreReport:
     options = RestoreOptions(
         database=DatabaseOptions(db.url),
         storage_url=storage.url,
@@ -36,7 +37,7 @@ def restore_into(db: Any, storage: Any, **selection: Any) -> RestoreReport:
     return asyncio.run(restore(options))
 
 
-def make_trees(db: Any, count: int) -> list[factory.Tree]:
+def make_trees(db: TestDatabase, count: int) -> list[factory.Tree]:
     return [
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1,
                           artifacts=4, task_run_state_cache=True)
@@ -44,7 +45,7 @@ def make_trees(db: Any, count: int) -> list[factory.Tree]:
     ]  # fmt: skip
 
 
-def test_round_trip_into_the_same_database(database: Any, storage: Any) -> None:
+def test_round_trip_into_the_same_database(database: TestDatabase, storage: TestStorage) -> None:
     make_trees(database, 3)
     before = factory.snapshot(database)
     archive(database, storage, batch_size=2)
@@ -59,7 +60,7 @@ def test_round_trip_into_the_same_database(database: Any, storage: Any) -> None:
 @pytest.mark.sqlite
 @pytest.mark.postgres
 def test_round_trip_from_sqlite_into_postgres(
-    sqlite_database: Any, postgres_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_trees(sqlite_database, 2)
     before = factory.snapshot(sqlite_database)
@@ -84,7 +85,7 @@ def test_round_trip_from_sqlite_into_postgres(
                     assert got == want, (table, column)
 
 
-def test_restore_one_run_out_of_many(database: Any, storage: Any) -> None:
+def test_restore_one_run_out_of_many(database: TestDatabase, storage: TestStorage) -> None:
     trees = make_trees(database, 3)
     archive(database, storage)
 
@@ -97,7 +98,7 @@ def test_restore_one_run_out_of_many(database: Any, storage: Any) -> None:
 
 
 def test_existing_rows_are_skipped_or_refused(
-    sqlite_database: Any, postgres_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(sqlite_database, 2)
     archive(sqlite_database, local_storage)
@@ -116,7 +117,7 @@ def test_existing_rows_are_skipped_or_refused(
     assert factory.snapshot(postgres_database) == before
 
 
-def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
+def test_dry_run_writes_nothing(database: TestDatabase, storage: TestStorage) -> None:
     trees = make_trees(database, 1)
     archive(database, storage)
 
@@ -125,14 +126,16 @@ def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
     assert report.inserted["flow_run"] == 2 and database.count("flow_run") == 0
 
 
-def test_unknown_run_id_is_a_clear_error(database: Any, storage: Any) -> None:
+def test_unknown_run_id_is_a_clear_error(database: TestDatabase, storage: TestStorage) -> None:
     make_trees(database, 1)
     archive(database, storage)
     with pytest.raises(ArchiverError, match="no archived top-level run"):
         restore_into(database, storage, run_ids=("00000000-0000-4000-8000-000000000000",))
 
 
-def test_restore_command(tmp_path: Any, sqlite_database: Any, local_storage: Any) -> None:
+def test_restore_command(
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     trees = make_trees(sqlite_database, 2)
     archive(sqlite_database, local_storage)
     config = tmp_path / "archiver.toml"
@@ -149,7 +152,7 @@ def test_restore_command(tmp_path: Any, sqlite_database: Any, local_storage: Any
 
 
 def test_restore_moves_rows_out_of_the_archive_so_they_can_be_archived_again(
-    database: Any, storage: Any
+    database: TestDatabase, storage: TestStorage
 ) -> None:
     trees = make_trees(database, 3)
     before = factory.snapshot_ids(database)
@@ -172,7 +175,7 @@ def test_restore_moves_rows_out_of_the_archive_so_they_can_be_archived_again(
 
 
 def test_restore_into_another_database_copies(
-    sqlite_database: Any, postgres_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(sqlite_database, 2)
     archive(sqlite_database, local_storage)
@@ -184,7 +187,9 @@ def test_restore_into_another_database_copies(
     assert postgres_database.ids("flow_run") == set(trees[0].flow_run_ids)
 
 
-def test_columns_that_differ_between_archive_and_target(database: Any, storage: Any) -> None:
+def test_columns_that_differ_between_archive_and_target(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     tree = make_trees(database, 1)[0]
     archive(database, storage)
     database.execute("ALTER TABLE flow_run DROP COLUMN infrastructure_pid")

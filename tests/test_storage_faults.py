@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -15,11 +14,12 @@ from typer.testing import CliRunner
 from archiver.cli.app import app
 from archiver.errors import BatchError, StorageError
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs
 from tests.oracle import assert_archive_consistent, assert_nothing_lost, ledger
 
 
-def test_file_missing_on_read_back_rolls_back(database: Any, storage: Any) -> None:
+def test_file_missing_on_read_back_rolls_back(database: TestDatabase, storage: TestStorage) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     before = factory.snapshot(database)
 
@@ -35,7 +35,7 @@ def test_file_missing_on_read_back_rolls_back(database: Any, storage: Any) -> No
 
 
 def test_manifest_write_failure_after_commit_is_completed_by_the_next_run(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     obstacles: list[Path] = []
@@ -66,7 +66,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.sqlite
-def test_full_disk_rolls_back_with_a_clear_error(sqlite_database: Any, tiny_disk: Path) -> None:
+def test_full_disk_rolls_back_with_a_clear_error(
+    sqlite_database: TestDatabase, tiny_disk: Path
+) -> None:
     for _ in range(3):
         factory.make_tree(sqlite_database, end_time=EXPIRED, logs_per_run=30, artifacts=4)
     before = factory.snapshot(sqlite_database)
@@ -89,7 +91,7 @@ def moto_with_auth() -> Iterator[str]:
 
 @pytest.mark.s3
 def test_wrong_s3_credentials_give_one_line_and_delete_nothing(
-    tmp_path: Path, database: Any, moto_with_auth: str
+    tmp_path: Path, database: TestDatabase, moto_with_auth: str
 ) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     before = factory.snapshot(database)
@@ -111,7 +113,7 @@ def test_wrong_s3_credentials_give_one_line_and_delete_nothing(
 
 @pytest.mark.postgres
 def test_lost_database_connection_mid_batch_is_retried(
-    postgres_database: Any, storage: Any
+    postgres_database: TestDatabase, storage: TestStorage
 ) -> None:
     for i in range(3):
         factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(minutes=i))

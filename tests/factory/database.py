@@ -102,6 +102,13 @@ class TestDatabase:
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
+    @property
+    def sqlite_file(self) -> Path:
+        """The SQLite database file (a TypeError on PostgreSQL, which has none)."""
+        if self.path is None:
+            raise TypeError(f"{self!r} is not a SQLite database")
+        return self.path
+
     def adapt(self, value: Any) -> Any:
         return adapt(value, self.dialect)
 
