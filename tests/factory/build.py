@@ -63,6 +63,10 @@ class Tree:
 
 @dataclass
 class Batch:
+    """Rows to write: per run table in build order, then the ``flow_run`` links (its
+    ``state_id`` and ``parent_task_run_id``, set once the rows they name exist) and the
+    ``artifact_collection`` upserts in order (a later one of the same key wins)."""
+
     rows: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {table: [] for table in RUN_TABLES}
     )
@@ -85,6 +89,7 @@ def _quote(column: str) -> str:
 
 
 def insert(connection: Connection, dialect: str, table: str, rows: list[dict[str, Any]]) -> None:
+    """One executemany of ``rows`` (all with the columns of the first) into ``table``."""
     if not rows:
         return
     columns = list(rows[0])
