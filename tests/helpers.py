@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from archiver import RunOptions, RunReport, run
 from archiver.engine.run import StepHook
 from archiver.source.engine import DatabaseOptions
+from tests.factory import TestDatabase, TestStorage
 
 RETENTION = timedelta(days=30)
 NOW = datetime.now(UTC)
@@ -28,11 +28,14 @@ EXPIRED = NOW - timedelta(days=40)
 RECENT = NOW - timedelta(days=2)
 
 
-def options(db: Any, storage: Any, **overrides: Any) -> RunOptions:
+def run_options(
+    database_url: str, storage_url: str, storage_options: dict[str, Any], **overrides: Any
+) -> RunOptions:
+    """Options of a real run (no dry run, no pause between batches), ``overrides`` applied."""
     values: dict[str, Any] = {
-        "database": DatabaseOptions(db.url),
-        "storage_url": storage.url,
-        "storage_options": storage.options,
+        "database": DatabaseOptions(database_url),
+        "storage_url": storage_url,
+        "storage_options": storage_options,
         "retention_period": RETENTION,
         "batch_size": 50,
         "batch_interval": 0,
@@ -42,7 +45,15 @@ def options(db: Any, storage: Any, **overrides: Any) -> RunOptions:
     return RunOptions(**values)
 
 
-def archive(db: Any, storage: Any, hook: StepHook | None = None, **overrides: Any) -> RunReport:
+def options(db: TestDatabase, storage: TestStorage, **overrides: Any) -> RunOptions:
+    """:func:`run_options` for the test's database and archive root."""
+    return run_options(db.url, storage.url, storage.options, **overrides)
+
+
+def archive(
+    db: TestDatabase, storage: TestStorage, hook: StepHook | None = None, **overrides: Any
+) -> RunReport:
+    """Run archiver in this process, to its end; its report."""
     return asyncio.run(run(options(db, storage, **overrides), hook))
 
 
@@ -54,7 +65,7 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)  # strings and numbers are spelled the same in TOML
 
 
-def write_config(path: Path, storage: Any = None, **settings: Any) -> Path:
+def write_config(path: Path, storage: TestStorage | None = None, **settings: Any) -> Path:
     """A TOML config file with these settings, and the test storage's URL and options."""
     if storage is not None:
         settings = {"storage_url": storage.url, **settings}
@@ -122,13 +133,15 @@ def fail_at(step: str) -> StepHook:
 
 def killed_at(kill_at: str, imports: str, call: str, cwd: Path) -> None:
     """Run ``call`` (Python, with a ``hook`` in scope) in a child that SIGKILLs itself at
-    step ``kill_at``; assert that it was killed there."""
+    step ``kill_at``; assert that it was killed there.
+
+    Kept only for tests/test_crash.py until it uses :func:`tests.kill.killed_at` (then delete
+    this); the kill itself is :func:`tests.kill.kill_hook`.
+    """
+    from tests import kill  # here, not above: tests.kill imports this module
+
     script = (
-        f"import asyncio, os, signal\n{imports}\n"
-        "def hook(step, _):\n"
-        f"    if step == {kill_at!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"{call}\n"
+        f"import asyncio\nfrom tests.kill import kill_hook\n{imports}\n"
+        f"hook = kill_hook({kill_at!r})\n{call}\n"
     )
-    child = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    kill.sigkilled([sys.executable, "-c", script], cwd)

@@ -1,4 +1,5 @@
-"""Independent checks for tests: read the archive with pyarrow and the database with sync drivers.
+"""Independent checks for tests: read the archive with pyarrow, and hold it against the database
+as the sync drivers read it (:func:`tests.factory.snapshot`).
 
 Nothing here imports archiver's source or codec, so a bug there cannot hide itself.
 """
@@ -13,24 +14,17 @@ from typing import Any
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-RUN_TABLES = (
-    "flow_run",
-    "task_run",
-    "flow_run_state",
-    "task_run_state",
-    "flow_run_input",
-    "log",
-    "artifact",
-    "task_run_state_cache",
-)
+from tests.factory import RUN_TABLES as RUN_TABLES  # test_crash, test_hot_path import it here
+from tests.factory import TestDatabase, TestStorage
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def archive_files(storage: Any, table: str) -> list[str]:
+def archive_files(storage: TestStorage, table: str) -> list[str]:
     return [f for f in storage.list_files(".parquet") if f"/{table}/" in f]
 
 
-def archived_rows(storage: Any, table: str) -> dict[str, dict[str, Any]]:
+def archived_rows(storage: TestStorage, table: str) -> dict[str, dict[str, Any]]:
     """Every row of ``table`` across all batches, keyed by id (duplicates fail)."""
     files = archive_files(storage, table)
     if not files:
@@ -43,34 +37,15 @@ def archived_rows(storage: Any, table: str) -> dict[str, dict[str, Any]]:
     return by_id
 
 
-def archived_ids(storage: Any) -> dict[str, set[str]]:
+def archived_ids(storage: TestStorage) -> dict[str, set[str]]:
     return {table: set(archived_rows(storage, table)) for table in RUN_TABLES}
 
 
-def field_kinds(storage: Any, table: str) -> dict[str, str]:
+def field_kinds(storage: TestStorage, table: str) -> dict[str, str]:
     path = archive_files(storage, table)[0]
     with storage.fs().open(path, "rb") as handle:
         schema = pq.read_schema(handle)
     return {f.name: f.metadata[b"archiver.kind"].decode() for f in schema}
-
-
-def db_rows(db: Any, table: str) -> dict[str, dict[str, Any]]:
-    """Rows as the sync driver returns them, JSON always as its text (never parsed)."""
-    if db.dialect == "postgresql":
-        columns = db.rows(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_name = :t AND table_schema = 'public'",
-            {"t": table},
-        )
-        select = ", ".join(
-            f'"{c["column_name"]}"::text AS "{c["column_name"]}"'
-            if c["data_type"] in ("json", "jsonb")
-            else f'"{c["column_name"]}"'
-            for c in columns
-        )
-    else:
-        select = "*"
-    return {str(row["id"]): row for row in db.rows(f"SELECT {select} FROM {table}")}
 
 
 def normalise(kind: str, value: Any) -> Any:
@@ -101,7 +76,9 @@ def _as_utc(value: Any) -> datetime:
     return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def assert_archive_equals(storage: Any, table: str, expected: dict[str, dict[str, Any]]) -> None:
+def assert_archive_equals(
+    storage: TestStorage, table: str, expected: dict[str, dict[str, Any]]
+) -> None:
     """The archived rows of ``table`` equal ``expected`` (rows read before), value for value."""
     archived = archived_rows(storage, table)
     assert set(archived) == set(expected), table
@@ -121,7 +98,7 @@ def assert_archive_equals(storage: Any, table: str, expected: dict[str, dict[str
                 assert got == want, (table, row_id, column, got, want)
 
 
-def ledger(db: Any) -> dict[str, dict[str, Any]]:
+def ledger(db: TestDatabase) -> dict[str, dict[str, Any]]:
     """Committed batches according to archiver's ledger table: batch id -> manifest."""
     table = "archiver.batch" if db.dialect == "postgresql" else "archiver_batch"
     exists = (
@@ -137,7 +114,7 @@ def ledger(db: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-def committed_ids(db: Any, storage: Any) -> dict[str, list[str]]:
+def committed_ids(db: TestDatabase, storage: TestStorage) -> dict[str, list[str]]:
     """Ids per table in the files of committed batches (a list: duplicates must show)."""
     found: dict[str, list[str]] = {table: [] for table in RUN_TABLES}
     fs = storage.fs()
@@ -151,7 +128,9 @@ def committed_ids(db: Any, storage: Any) -> dict[str, list[str]]:
     return found
 
 
-def assert_nothing_lost(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
+def assert_nothing_lost(
+    db: TestDatabase, storage: TestStorage, before: dict[str, set[str]]
+) -> None:
     """Every row that existed before is in the database or in a committed batch, once.
 
     Checks the tables ``before`` names (the run tables, and sweep tables if given).
@@ -169,7 +148,7 @@ def assert_nothing_lost(db: Any, storage: Any, before: dict[str, set[str]]) -> N
         assert not both, f"{table}: {len(both)} rows both in the database and archived"
 
 
-def assert_archive_consistent(db: Any, storage: Any) -> None:
+def assert_archive_consistent(db: TestDatabase, storage: TestStorage) -> None:
     """After recovery: every committed batch has its manifest and complete files, nothing else."""
     committed = ledger(db)
     manifests = {

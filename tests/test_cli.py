@@ -6,19 +6,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from archiver.cli.app import app
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, RECENT, write_config
-from tests.oracle import RUN_TABLES, archived_ids, db_rows
+from tests.oracle import archived_ids
 
 
-def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(app, list(args), env=env)
 
 
-def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
+def config_for(tmp_path: Path, db: TestDatabase, storage: TestStorage, **extra: Any) -> Path:
     return write_config(
         tmp_path / "archiver.toml",
         storage,
@@ -29,24 +30,24 @@ def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
     )
 
 
-def snapshot(db: Any) -> dict[str, Any]:
-    return {table: db_rows(db, table) for table in RUN_TABLES}
-
-
-def test_run_without_enabled_only_reports(tmp_path: Path, database: Any, storage: Any) -> None:
+def test_run_without_enabled_only_reports(
+    tmp_path: Path, database: TestDatabase, storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     factory.make_tree(database, end_time=RECENT)
-    before = snapshot(database)
+    before = factory.snapshot(database)
 
     result = invoke("run", "--config", str(config_for(tmp_path, database, storage)))
 
     assert result.exit_code == 0, result.output
     assert "1 expired top-level runs" in result.stderr
     assert "dry run: nothing archived or deleted" in result.stderr
-    assert snapshot(database) == before
+    assert factory.snapshot(database) == before
 
 
-def test_run_with_yes_archives(tmp_path: Path, database: Any, storage: Any) -> None:
+def test_run_with_yes_archives(
+    tmp_path: Path, database: TestDatabase, storage: TestStorage
+) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
 
     result = invoke("run", "--yes", "--config", str(config_for(tmp_path, database, storage)))
@@ -57,7 +58,9 @@ def test_run_with_yes_archives(tmp_path: Path, database: Any, storage: Any) -> N
     assert database.count("flow_run") == 0
 
 
-def test_enabled_in_environment(tmp_path: Path, sqlite_database: Any, local_storage: Any) -> None:
+def test_enabled_in_environment(
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_tree(sqlite_database, end_time=EXPIRED)
     config = config_for(tmp_path, sqlite_database, local_storage)
 
@@ -67,7 +70,7 @@ def test_enabled_in_environment(tmp_path: Path, sqlite_database: Any, local_stor
     assert sqlite_database.count("flow_run") == 0
 
 
-def assert_one_line_error(result: Any, *fragments: str) -> None:
+def assert_one_line_error(result: Result, *fragments: str) -> None:
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -123,9 +126,11 @@ def test_retention_under_an_hour(tmp_path: Path) -> None:
     assert_one_line_error(invoke("run", "--config", str(config)), "at least 1 hour")
 
 
-def test_missing_bucket_deletes_nothing(tmp_path: Path, database: Any, s3_storage: Any) -> None:
+def test_missing_bucket_deletes_nothing(
+    tmp_path: Path, database: TestDatabase, s3_storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED)
-    before = snapshot(database)
+    before = factory.snapshot(database)
     config = write_config(
         tmp_path / "c.toml",
         database_url=database.url,
@@ -138,12 +143,12 @@ def test_missing_bucket_deletes_nothing(tmp_path: Path, database: Any, s3_storag
     result = invoke("run", "--config", str(config))
 
     assert_one_line_error(result, "no-such-bucket", "not found")
-    assert snapshot(database) == before
+    assert factory.snapshot(database) == before
 
 
-def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: Any) -> None:
+def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: TestDatabase) -> None:
     factory.make_tree(sqlite_database, end_time=EXPIRED)
-    before = snapshot(sqlite_database)
+    before = factory.snapshot(sqlite_database)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the archive folder should be")
     config = write_config(
@@ -157,7 +162,7 @@ def test_storage_path_that_is_a_file(tmp_path: Path, sqlite_database: Any) -> No
     result = invoke("run", "--config", str(config))
 
     assert_one_line_error(result, "failed")
-    assert snapshot(sqlite_database) == before
+    assert factory.snapshot(sqlite_database) == before
 
 
 def test_help_for_every_command() -> None:
@@ -167,7 +172,7 @@ def test_help_for_every_command() -> None:
 
 
 def test_missing_end_time_index_is_reported(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     database.execute("DROP INDEX ix_flow_run__end_time_desc")
 

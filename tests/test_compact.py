@@ -13,29 +13,31 @@ import pytest
 from typer.testing import CliRunner
 
 from archiver import open_archive
+from archiver.archive.manifest import BatchManifest
 from archiver.archive.storage import Storage
 from archiver.archive.verify import list_batches, verify_archive
 from archiver.cli.app import app
-from archiver.engine.compact import STEPS, CompactOptions, CompactReport, compact, parse_size
+from archiver.engine.compact import (
+    STEPS,
+    CompactOptions,
+    CompactReport,
+    StepHook,
+    compact,
+    parse_size,
+)
 from archiver.engine.recovery import recover
-from archiver.engine.restore import RestoreOptions, restore
+from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.errors import ConcurrentChange, ConfigError, VerificationError
 from archiver.source.engine import DatabaseOptions, create_engine
-from tests import factory
-from tests.helpers import EXPIRED, archive, fail_at, killed_at, write_config
-from tests.oracle import (
-    RUN_TABLES,
-    assert_archive_consistent,
-    assert_archive_equals,
-    assert_nothing_lost,
-    db_rows,
-)
+from tests import factory, kill
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
+from tests.helpers import EXPIRED, archive, fail_at, write_config
+from tests.oracle import assert_archive_consistent, assert_archive_equals, assert_nothing_lost
 
-ROOT = Path(__file__).resolve().parent.parent
 CRASH_POINTS = [step for step in STEPS if step != "done"]
 
 
-def make_trees(db: Any, count: int) -> list[factory.Tree]:
+def make_trees(db: TestDatabase, count: int) -> list[factory.Tree]:
     return [
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=i % 2,
                           task_run_state_cache=i == 0)
@@ -43,21 +45,23 @@ def make_trees(db: Any, count: int) -> list[factory.Tree]:
     ]  # fmt: skip
 
 
-def compact_archive(db: Any, storage: Any, hook: Any = None, **overrides: Any) -> CompactReport:
+def compact_archive(
+    db: TestDatabase, storage: TestStorage, hook: StepHook | None = None, **overrides: Any
+) -> CompactReport:
     options = CompactOptions(DatabaseOptions(db.url), storage.url, storage.options, **overrides)
     return asyncio.run(compact(options, hook))
 
 
-def restore_into(db: Any, storage: Any, **selection: Any) -> Any:
+def restore_into(db: TestDatabase, storage: TestStorage, **selection: Any) -> RestoreReport:
     options = RestoreOptions(DatabaseOptions(db.url), storage.url, storage.options, **selection)
     return asyncio.run(restore(options))
 
 
-def batches(storage: Any) -> list[Any]:
+def batches(storage: TestStorage) -> list[BatchManifest]:
     return list_batches(Storage(storage.url, storage.options))
 
 
-def exactly_once_through_manifests(storage: Any, before: dict[str, set[str]]) -> None:
+def exactly_once_through_manifests(storage: TestStorage, before: dict[str, set[str]]) -> None:
     """open_archive (manifest-driven) shows every archived row once, whatever the moment."""
     tables = open_archive(storage.url, storage.options)
     for table in RUN_TABLES:
@@ -67,10 +71,10 @@ def exactly_once_through_manifests(storage: Any, before: dict[str, set[str]]) ->
 
 
 def test_compacted_archive_reads_verifies_and_restores_as_before(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(database, 5)
-    rows_before = {table: db_rows(database, table) for table in RUN_TABLES}
+    rows_before = factory.snapshot(database)
     ids_before = {table: set(rows) for table, rows in rows_before.items()}
     archive(database, local_storage, batch_size=1)
     originals = [batch.batch_id for batch in batches(local_storage)]
@@ -89,7 +93,7 @@ def test_compacted_archive_reads_verifies_and_restores_as_before(
     verified = asyncio.run(verify_archive(Storage(local_storage.url, local_storage.options)))
     assert verified.sound and verified.batches == 1, verified.problems
     exactly_once_through_manifests(local_storage, ids_before)
-    count = duckdb.sql(
+    count = duckdb.execute(
         f"SELECT count(*) FROM read_parquet('{local_storage.url}/log/*/*.parquet', "
         "hive_partitioning = true)"
     ).fetchall()
@@ -102,20 +106,20 @@ def test_compacted_archive_reads_verifies_and_restores_as_before(
     assert_nothing_lost(database, local_storage, ids_before)
 
     restore_into(database, local_storage, ended_after=EXPIRED - timedelta(days=1))
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == rows_before
+    assert factory.snapshot(database) == rows_before
     assert local_storage.keys(".parquet") == []  # every run moved back out of the archive
 
 
-def batches_roots(batch_id: str, merged: Any) -> set[str]:
+def batches_roots(batch_id: str, merged: BatchManifest) -> set[str]:
     return set(merged.compacted_from[batch_id])
 
 
 @pytest.mark.sqlite
 def test_compact_on_s3_and_show_and_ls(
-    sqlite_database: Any, s3_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, s3_storage: TestStorage, tmp_path: Path
 ) -> None:
     trees = make_trees(sqlite_database, 3)
-    rows_before = {table: db_rows(sqlite_database, table) for table in RUN_TABLES}
+    rows_before = factory.snapshot(sqlite_database)
     archive(sqlite_database, s3_storage, batch_size=1)
     config = write_config(tmp_path / "c.toml", s3_storage, database_url=sqlite_database.url)
 
@@ -131,12 +135,12 @@ def test_compact_on_s3_and_show_and_ls(
     assert shown.exit_code == 0 and trees[1].subflow_ids[0] in shown.stdout
     assert_archive_consistent(sqlite_database, s3_storage)
     restore_into(sqlite_database, s3_storage, run_ids=tuple(t.root_id for t in trees))
-    assert {table: db_rows(sqlite_database, table) for table in RUN_TABLES} == rows_before
+    assert factory.snapshot(sqlite_database) == rows_before
 
 
 @pytest.mark.sqlite
 def test_target_size_splits_and_dry_run_writes_nothing(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     make_trees(sqlite_database, 6)
     archive(sqlite_database, local_storage, batch_size=1)
@@ -170,7 +174,7 @@ def test_parse_size() -> None:
 
 @pytest.mark.sqlite
 def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     make_trees(sqlite_database, 3)
     archive(sqlite_database, local_storage, batch_size=1)
@@ -191,19 +195,9 @@ def test_corrupt_input_stops_with_one_line_and_deletes_nothing(
         compact_archive(sqlite_database, local_storage)
 
 
-def compact_in_child(db: Any, storage: Any, kill_at: str) -> None:
-    killed_at(
-        kill_at,
-        "from archiver.engine.compact import CompactOptions, compact\n"
-        "from archiver.source.engine import DatabaseOptions",
-        f"options = CompactOptions(DatabaseOptions({db.url!r}), {storage.url!r}, "
-        f"{storage.options!r})\n"
-        "asyncio.run(compact(options, hook))",
-        ROOT,
-    )
-
-
-def check_after_fault(db: Any, storage: Any, before: dict[str, set[str]], step: str) -> None:
+def check_after_fault(
+    db: TestDatabase, storage: TestStorage, before: dict[str, set[str]], step: str
+) -> None:
     """Exact for archiver's readers at once; consistent after the next compact (recovery)."""
     assert_nothing_lost(db, storage, before)
     exactly_once_through_manifests(storage, before)
@@ -223,21 +217,23 @@ def check_after_fault(db: Any, storage: Any, before: dict[str, set[str]], step: 
 @pytest.mark.sqlite
 @pytest.mark.parametrize("step", CRASH_POINTS)
 def test_sigkill_at_every_compaction_step(
-    sqlite_database: Any, local_storage: Any, step: str
+    sqlite_database: TestDatabase, local_storage: TestStorage, step: str
 ) -> None:
     make_trees(sqlite_database, 4)
-    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(sqlite_database)
     archive(sqlite_database, local_storage, batch_size=1)
 
-    compact_in_child(sqlite_database, local_storage, step)
+    kill.killed_at(kill.Job.of("compact", sqlite_database, local_storage), step)
 
     check_after_fault(sqlite_database, local_storage, before, step)
 
 
 @pytest.mark.parametrize("step", ["marker", "verified", "committed", "removed"])
-def test_exception_at_compaction_steps(database: Any, local_storage: Any, step: str) -> None:
+def test_exception_at_compaction_steps(
+    database: TestDatabase, local_storage: TestStorage, step: str
+) -> None:
     make_trees(database, 4)
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     archive(database, local_storage, batch_size=1)
 
     with pytest.raises(RuntimeError, match="injected fault"):
@@ -249,7 +245,9 @@ def test_exception_at_compaction_steps(database: Any, local_storage: Any, step: 
     check_after_fault_in_process(database, local_storage, before)
 
 
-def check_after_fault_in_process(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
+def check_after_fault_in_process(
+    db: TestDatabase, storage: TestStorage, before: dict[str, set[str]]
+) -> None:
     assert_nothing_lost(db, storage, before)
     exactly_once_through_manifests(storage, before)
     compact_archive(db, storage)
@@ -258,11 +256,13 @@ def check_after_fault_in_process(db: Any, storage: Any, before: dict[str, set[st
     assert len(batches(storage)) == 1
 
 
-def test_a_concurrent_recovery_never_breaks_a_compaction(database: Any, local_storage: Any) -> None:
+def test_a_concurrent_recovery_never_breaks_a_compaction(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     """PostgreSQL: recovery leaves the locked compaction alone. SQLite: the compaction sees
     that recovery removed its files, and stops with the old batches intact."""
     make_trees(database, 3)
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     archive(database, local_storage, batch_size=1)
 
     def recover_meanwhile(step: str, batch_id: str) -> None:
@@ -280,7 +280,7 @@ def test_a_concurrent_recovery_never_breaks_a_compaction(database: Any, local_st
     assert_nothing_lost(database, local_storage, before)
 
 
-async def recover_once(db: Any, storage: Any) -> list[str]:
+async def recover_once(db: TestDatabase, storage: TestStorage) -> list[str]:
     engine = create_engine(DatabaseOptions(db.url))
     try:
         return await recover(engine, Storage(storage.url, storage.options))
@@ -289,10 +289,10 @@ async def recover_once(db: Any, storage: Any) -> list[str]:
 
 
 def test_restore_moves_a_run_out_of_a_compacted_batch(
-    sqlite_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(sqlite_database, 3)
-    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(sqlite_database)
     archive(sqlite_database, local_storage, batch_size=1)
     compact_archive(sqlite_database, local_storage)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -13,45 +11,19 @@ from typing import Any
 
 import pytest
 
-from tests import factory
-from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive
-from tests.oracle import (
-    RUN_TABLES,
-    assert_archive_consistent,
-    assert_nothing_lost,
-    committed_ids,
-    ledger,
-)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_archiver(
-    db: Any, storage: Any, batch_size: int, start_file: Path
-) -> subprocess.Popen[str]:
-    spec = {
-        "start_file": str(start_file),
-        "database_url": db.url,
-        "storage_url": storage.url,
-        "storage_options": storage.options,
-        "retention_seconds": RETENTION.total_seconds(),
-        "batch_size": batch_size,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_runner", json.dumps(spec)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from tests import factory, kill
+from tests.factory import TestDatabase, TestStorage
+from tests.helpers import EXPIRED, NOW, RECENT, archive
+from tests.oracle import assert_archive_consistent, assert_nothing_lost, committed_ids, ledger
 
 
 def run_together(
-    db: Any, storage: Any, count: int, batch_size: int, tmp_path: Path
+    db: TestDatabase, storage: TestStorage, count: int, batch_size: int, tmp_path: Path
 ) -> list[dict[str, Any]]:
     """Start ``count`` archiver processes and let them go at the same moment."""
     start_file = tmp_path / "go"
-    children = [start_archiver(db, storage, batch_size, start_file) for _ in range(count)]
+    job = kill.Job.of("run", db, storage, batch_size=batch_size)
+    children = [kill.start(job, start_file=start_file) for _ in range(count)]
     outputs = []
     try:
         deadline = time.monotonic() + 120
@@ -73,12 +45,12 @@ def run_together(
 
 @pytest.mark.parametrize("archivers", [2, 4])
 def test_archivers_on_postgres_share_the_backlog(
-    postgres_database: Any, local_storage: Any, archivers: int, tmp_path: Path
+    postgres_database: TestDatabase, local_storage: TestStorage, archivers: int, tmp_path: Path
 ) -> None:
     storage = local_storage
     ends = [EXPIRED - timedelta(seconds=i) for i in range(1500)]
     factory.make_trees(postgres_database, len(ends), end_time=ends, task_runs=1, logs_per_run=1)
-    before = {table: postgres_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(postgres_database)
 
     reports = run_together(postgres_database, storage, archivers, 25, tmp_path)
 
@@ -93,11 +65,11 @@ def test_archivers_on_postgres_share_the_backlog(
 
 
 def test_archivers_on_sqlite_take_turns(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     ends = [EXPIRED - timedelta(seconds=i) for i in range(300)]
     factory.make_trees(sqlite_database, len(ends), end_time=ends, task_runs=1)
-    before = {table: sqlite_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(sqlite_database)
 
     run_together(sqlite_database, local_storage, 2, 20, tmp_path)
 
@@ -109,7 +81,7 @@ def test_archivers_on_sqlite_take_turns(
 class PrefectWriter(threading.Thread):
     """Writes like a busy Prefect server: logs for old runs, new runs, logs for new runs."""
 
-    def __init__(self, db: Any, old_root_ids: list[str]) -> None:
+    def __init__(self, db: TestDatabase, old_root_ids: list[str]) -> None:
         super().__init__(daemon=True)
         self.db = db
         self.old_root_ids = old_root_ids
@@ -130,11 +102,13 @@ class PrefectWriter(threading.Thread):
             time.sleep(0.002)
 
 
-def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any) -> None:
+def test_prefect_writing_during_a_run_loses_nothing(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     trees = factory.make_trees(
         database, 120, end_time=[EXPIRED - timedelta(minutes=i) for i in range(120)]
     )
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     writer = PrefectWriter(database, [tree.root_id for tree in trees])
     writer.start()
     try:
@@ -155,7 +129,7 @@ def test_prefect_writing_during_a_run_loses_nothing(database: Any, storage: Any)
 
 
 def test_runs_locked_by_another_archiver_are_passed_over(
-    postgres_database: Any, local_storage: Any
+    postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     older = factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(days=60))
     newer = factory.make_tree(postgres_database, end_time=EXPIRED)
@@ -172,7 +146,7 @@ def test_runs_locked_by_another_archiver_are_passed_over(
 
 
 def test_live_trees_are_not_locked_while_a_batch_runs(
-    postgres_database: Any, local_storage: Any
+    postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     live = factory.make_tree(
         postgres_database, end_time=EXPIRED, subflow_depth=1, subflow_state_type="RUNNING"

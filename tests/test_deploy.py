@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
@@ -32,27 +32,28 @@ from typer.testing import CliRunner
 
 from archiver.cli.app import app
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, RECENT, write_config
-from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+from tests.oracle import assert_archive_consistent, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "docs" / "deploy"
 
 
-def make_backlog(db: Any) -> dict[str, set[str]]:
+def make_backlog(db: TestDatabase) -> dict[str, set[str]]:
     for i in range(2):
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i))
     factory.make_tree(db, end_time=RECENT)
-    return {table: db.ids(table) for table in RUN_TABLES}
+    return factory.snapshot_ids(db)
 
 
-def reports(storage: Any) -> list[dict[str, Any]]:
+def reports(storage: TestStorage) -> list[dict[str, Any]]:
     keys = [k for k in storage.keys(".json") if k.startswith("_reports/")]
     return [json.loads(storage.read_bytes(key)) for key in keys]
 
 
 def test_kubernetes_manifests_run_as_written(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     cronjob, deployment = yaml.safe_load_all((DEPLOY / "kubernetes-cronjob.yaml").read_text())
     assert cronjob["kind"] == "CronJob" and deployment["kind"] == "Deployment"
@@ -77,7 +78,7 @@ def test_kubernetes_manifests_run_as_written(
 
 
 def test_systemd_units_verify_and_the_service_runs(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -135,7 +136,9 @@ def api(base: str, path: str, body: Any = None) -> Any:
         return json.loads(response.read() or b"null")
 
 
-def wait_until(check: Any, what: str, timeout: float, *children: subprocess.Popen[bytes]) -> Any:
+def wait_until(
+    check: Callable[[], Any], what: str, timeout: float, *children: subprocess.Popen[bytes]
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -146,7 +149,7 @@ def wait_until(check: Any, what: str, timeout: float, *children: subprocess.Pope
             pass  # not listening yet, or the deployment is not there yet
         for child in children:
             if child.poll() is not None:
-                pytest.fail(f"{child.args} exited {child.returncode} before {what}")
+                pytest.fail(f"{child.args!r} exited {child.returncode} before {what}")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.25)
@@ -194,7 +197,7 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 
 
 def test_prefect_deployment_archives_the_database_of_its_own_server(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     before = make_backlog(sqlite_database)
     port = free_port()

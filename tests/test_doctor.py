@@ -17,6 +17,7 @@ from archiver.archive.manifest import PendingMarker
 from archiver.cli.app import app
 from archiver.cli.doctor import Status, _clock_check, _Facts
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs, write_config
 
 
@@ -28,11 +29,11 @@ def doctor(config: Path, *args: str) -> tuple[int, dict[str, dict[str, str]]]:
     return result.exit_code, {check["name"]: check for check in data["checks"]}
 
 
-def config_for(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> Path:
+def config_for(tmp_path: Path, db: TestDatabase, storage: TestStorage, **extra: Any) -> Path:
     return write_config(tmp_path / "c.toml", storage, database_url=db.url, **extra)
 
 
-def index_names(db: Any) -> set[str]:
+def index_names(db: TestDatabase) -> set[str]:
     if db.is_sqlite:
         return {r["name"] for r in db.rows("SELECT name FROM sqlite_master WHERE type = 'index'")}
     rows = db.rows(
@@ -43,7 +44,7 @@ def index_names(db: Any) -> set[str]:
 
 
 def test_a_healthy_setup_passes_and_leaves_nothing_behind(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     archive(database, local_storage)
@@ -63,7 +64,7 @@ def test_a_healthy_setup_passes_and_leaves_nothing_behind(
 
 
 def test_a_dropped_index_is_found_and_built(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     database.execute("DROP INDEX ix_flow_run__end_time_desc")
     database.execute("DROP INDEX ix_log__task_run_id")
@@ -82,7 +83,9 @@ def test_a_dropped_index_is_found_and_built(
     assert doctor(config)[1]["indexes"]["detail"] == "every lookup of a batch has an index"
 
 
-def test_an_open_batch_is_reported(tmp_path: Path, database: Any, local_storage: Any) -> None:
+def test_an_open_batch_is_reported(
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
+) -> None:
     archive(database, local_storage)  # creates the ledger and this database's source id
     source_id = str(database.scalar(
         "SELECT source_id FROM "
@@ -103,7 +106,9 @@ def test_an_open_batch_is_reported(tmp_path: Path, database: Any, local_storage:
 
 
 @pytest.mark.postgres
-def test_wrong_credentials_fail_the_database_check(tmp_path: Path, local_storage: Any) -> None:
+def test_wrong_credentials_fail_the_database_check(
+    tmp_path: Path, local_storage: TestStorage
+) -> None:
     url = "postgresql+asyncpg://no_such_user:pw@127.0.0.1:5432/postgres"
     config = write_config(tmp_path / "c.toml", local_storage, database_url=url)
 
@@ -116,7 +121,9 @@ def test_wrong_credentials_fail_the_database_check(tmp_path: Path, local_storage
     assert "schema" not in checks
 
 
-def test_a_bad_database_url_fails_the_database_check(tmp_path: Path, local_storage: Any) -> None:
+def test_a_bad_database_url_fails_the_database_check(
+    tmp_path: Path, local_storage: TestStorage
+) -> None:
     config = write_config(tmp_path / "c.toml", local_storage, database_url="not a url")
     code, checks = doctor(config)
     assert code == 1 and "is not a database URL" in checks["database"]["detail"]
@@ -137,7 +144,7 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.sqlite
 def test_a_read_only_folder_fails_the_storage_check(
-    tmp_path: Path, sqlite_database: Any, read_only_folder: Path
+    tmp_path: Path, sqlite_database: TestDatabase, read_only_folder: Path
 ) -> None:
     config = write_config(
         tmp_path / "c.toml", database_url=sqlite_database.url, storage_url=str(read_only_folder)
@@ -191,7 +198,7 @@ def read_only_bucket() -> Iterator[dict[str, Any]]:
 @pytest.mark.s3
 @pytest.mark.sqlite
 def test_a_read_only_bucket_fails_the_storage_check(
-    tmp_path: Path, sqlite_database: Any, read_only_bucket: dict[str, Any]
+    tmp_path: Path, sqlite_database: TestDatabase, read_only_bucket: dict[str, Any]
 ) -> None:
     config = write_config(
         tmp_path / "c.toml",

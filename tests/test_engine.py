@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from archiver.errors import ConfigError
 from archiver.source.engine import DatabaseOptions, create_engine, write_transaction_options
+from tests.factory import TestDatabase
 
 
 async def session_values(url: str, queries: list[str], write: bool = False) -> list[Any]:
@@ -25,7 +26,9 @@ async def session_values(url: str, queries: list[str], write: bool = False) -> l
 
 
 @pytest.mark.sqlite
-def test_sqlite_sessions_enforce_foreign_keys_and_wait_for_prefect(sqlite_database: Any) -> None:
+def test_sqlite_sessions_enforce_foreign_keys_and_wait_for_prefect(
+    sqlite_database: TestDatabase,
+) -> None:
     for write in (False, True):  # a pooled connection reused for a write keeps them too
         values = asyncio.run(
             session_values(
@@ -38,7 +41,7 @@ def test_sqlite_sessions_enforce_foreign_keys_and_wait_for_prefect(sqlite_databa
 
 
 @pytest.mark.postgres
-def test_postgres_sessions_get_maintenance_settings(postgres_database: Any) -> None:
+def test_postgres_sessions_get_maintenance_settings(postgres_database: TestDatabase) -> None:
     values = asyncio.run(
         session_values(
             postgres_database.url,

@@ -14,8 +14,8 @@ import pytest
 
 from tests.factory import (
     LONG_LOG_LENGTH,
-    RUN_TABLES,
     SQL_NULL,
+    TREE_TABLES,
     TestDatabase,
     TestStorage,
     make_artifact,
@@ -49,7 +49,9 @@ def _tree_query(db: TestDatabase) -> str:
 # -- databases --------------------------------------------------------------------------------
 
 
-def test_database_is_prefect_migrated(database: TestDatabase, request: pytest.FixtureRequest):
+def test_database_is_prefect_migrated(
+    database: TestDatabase, request: pytest.FixtureRequest
+) -> None:
     expected_marker = "sqlite" if database.dialect == "sqlite" else "postgres"
     assert request.node.get_closest_marker(expected_marker) is not None
     assert database.scalar("SELECT version_num FROM alembic_version") == HEADS[database.dialect]
@@ -66,13 +68,15 @@ def test_database_is_prefect_migrated(database: TestDatabase, request: pytest.Fi
         assert database.scalar("SELECT count(*) FROM pg_type WHERE typname = 'state_type'") == 1
 
 
-def test_databases_are_isolated(database: TestDatabase):
+def test_databases_are_isolated(database: TestDatabase) -> None:
     """Each test gets its own copy: the template itself stays empty."""
     make_tree(database, end_time=END)
     assert database.count("flow_run") == 1
 
 
-def test_specific_backend_fixtures(sqlite_database: TestDatabase, postgres_database: TestDatabase):
+def test_specific_backend_fixtures(
+    sqlite_database: TestDatabase, postgres_database: TestDatabase
+) -> None:
     assert sqlite_database.dialect == "sqlite"
     assert postgres_database.dialect == "postgresql"
     for db in (sqlite_database, postgres_database):
@@ -80,7 +84,7 @@ def test_specific_backend_fixtures(sqlite_database: TestDatabase, postgres_datab
         assert db.ids("flow_run") == set(tree.flow_run_ids)
 
 
-def test_subflow_depth_3_counts_and_links(database: TestDatabase):
+def test_subflow_depth_3_counts_and_links(database: TestDatabase) -> None:
     tree = make_tree(
         database,
         end_time=END,
@@ -141,7 +145,7 @@ def test_subflow_depth_3_counts_and_links(database: TestDatabase):
         assert database.rows("PRAGMA foreign_key_check") == []
 
 
-def test_state_copies_are_consistent(database: TestDatabase):
+def test_state_copies_are_consistent(database: TestDatabase) -> None:
     tree = make_tree(database, end_time=END, states_per_run=6)
     rows = database.rows(
         "SELECT f.state_type, f.state_name, f.state_timestamp, f.end_time, f.run_count,"
@@ -155,7 +159,7 @@ def test_state_copies_are_consistent(database: TestDatabase):
     assert row["state_timestamp"] == row["timestamp"] == row["end_time"]
     assert row["run_count"] == 2  # Running, then Retrying
     assert row["result_artifact_id"] == tree.artifact_ids[0]
-    snap = snapshot(database)
+    snap = snapshot(database, TREE_TABLES, normalise=True)
     root = snap["flow_run"][tree.root_id]
     assert root["end_time"] == END
     assert root["total_run_time"] == timedelta(seconds=7, microseconds=123457) * 2
@@ -182,10 +186,10 @@ def test_state_copies_are_consistent(database: TestDatabase):
     assert [r["name"] for r in got] == ["Scheduled", "Late", "Pending", "Running", "Completed"]
 
 
-def test_non_terminal_root_and_subflow(database: TestDatabase):
+def test_non_terminal_root_and_subflow(database: TestDatabase) -> None:
     running = make_tree(database, end_time=None)
     stuck = make_tree(database, end_time=END, subflow_depth=2, subflow_state_type="RUNNING")
-    snap = snapshot(database, ["flow_run"])["flow_run"]
+    snap = snapshot(database, ["flow_run"], normalise=True)["flow_run"]
     assert snap[running.root_id]["state_type"] == "RUNNING"
     assert snap[running.root_id]["end_time"] is None
     assert snap[stuck.root_id]["state_type"] == "COMPLETED"
@@ -194,7 +198,7 @@ def test_non_terminal_root_and_subflow(database: TestDatabase):
     assert (deepest["state_type"], deepest["end_time"]) == ("RUNNING", None)
 
 
-def test_json_null_is_not_sql_null(database: TestDatabase):
+def test_json_null_is_not_sql_null(database: TestDatabase) -> None:
     tree = make_tree(database, end_time=END, artifacts=3)
     json_null = "data = 'null'" if database.is_sqlite else "data::text = 'null'"
     assert database.count("artifact", json_null) == 1  # the markdown variant
@@ -202,7 +206,7 @@ def test_json_null_is_not_sql_null(database: TestDatabase):
     assert database.count("artifact", "metadata_ IS NULL") == 1
     as_json_null = make_artifact(database, flow_run_id=tree.root_id, data=None)
     as_sql_null = make_artifact(database, flow_run_id=tree.root_id, data=SQL_NULL)
-    artifacts = snapshot(database, ["artifact"])["artifact"]
+    artifacts = snapshot(database, ["artifact"], normalise=True)["artifact"]
     assert artifacts[as_json_null]["data"] == "null"
     assert artifacts[as_sql_null]["data"] is None
     # A bare JSON number: SQLite's NUMERIC affinity stores an INTEGER, PG json keeps the text.
@@ -217,7 +221,7 @@ def test_json_null_is_not_sql_null(database: TestDatabase):
         assert database.scalar("SELECT data::text FROM artifact WHERE type = 'progress'") == "1"
 
 
-def test_values_are_stored_as_prefect_stores_them(database: TestDatabase):
+def test_values_are_stored_as_prefect_stores_them(database: TestDatabase) -> None:
     tree = make_tree(database, end_time=END)
     row = database.rows(
         "SELECT id, end_time, total_run_time, auto_scheduled, parameters, state_type"
@@ -249,12 +253,12 @@ def test_values_are_stored_as_prefect_stores_them(database: TestDatabase):
     assert max(lengths) == LONG_LOG_LENGTH
 
 
-def test_cascade_matches_the_dossier(database: TestDatabase):
+def test_cascade_matches_the_dossier(database: TestDatabase) -> None:
     """Deleting a root cascades to its own rows and detaches its subflow (dossier 4.3)."""
     tree = make_tree(database, end_time=END, subflow_depth=1, task_run_state_cache=True)
-    before = snapshot(database)
+    before = snapshot(database, TREE_TABLES, normalise=True)
     assert database.execute("DELETE FROM flow_run WHERE id = :id", {"id": tree.root_id}) == 1
-    after = snapshot(database)
+    after = snapshot(database, TREE_TABLES, normalise=True)
     child = tree.flow_run_ids[1]
     assert after["flow_run"][child]["parent_task_run_id"] is None
     assert set(after["flow_run"]) == {child}
@@ -268,7 +272,7 @@ def test_cascade_matches_the_dossier(database: TestDatabase):
     }
 
 
-def test_reference_rows_and_late_rows(database: TestDatabase):
+def test_reference_rows_and_late_rows(database: TestDatabase) -> None:
     flow_id = make_flow(database, name="nightly-ünïcode")
     deployment_id = make_deployment(database, flow_id, name="nightly")
     trees = make_trees(
@@ -290,7 +294,7 @@ def test_reference_rows_and_late_rows(database: TestDatabase):
     assert database.scalar("SELECT latest_id FROM artifact_collection") == late
 
 
-def test_snapshot_normalises_every_run_table(database: TestDatabase):
+def test_snapshot_normalises_every_run_table(database: TestDatabase) -> None:
     make_tree(
         database,
         end_time=END,
@@ -299,8 +303,8 @@ def test_snapshot_normalises_every_run_table(database: TestDatabase):
         task_run_state_cache=True,
         keyed_artifact_key="k",
     )
-    snap = snapshot(database)
-    assert set(snap) == set(RUN_TABLES)
+    snap = snapshot(database, TREE_TABLES, normalise=True)
+    assert set(snap) == set(TREE_TABLES)
     for table, rows in snap.items():
         assert rows, table
         for row_id, row in rows.items():
@@ -310,7 +314,7 @@ def test_snapshot_normalises_every_run_table(database: TestDatabase):
     assert data == ["0.25", "0.25", "1", "1"]  # artifacts 1 and 5 of both flow runs
 
 
-def test_many_trees_are_quick(database: TestDatabase):
+def test_many_trees_are_quick(database: TestDatabase) -> None:
     started = time.perf_counter()
     trees = make_trees(database, 300, end_time=END)
     elapsed = time.perf_counter() - started
@@ -323,7 +327,7 @@ def test_many_trees_are_quick(database: TestDatabase):
 # -- storage ----------------------------------------------------------------------------------
 
 
-def test_storage_parquet_roundtrip(storage: TestStorage, request: pytest.FixtureRequest):
+def test_storage_parquet_roundtrip(storage: TestStorage, request: pytest.FixtureRequest) -> None:
     assert request.node.get_closest_marker(storage.kind) is not None
     assert storage.list_files() == []
     table = pa.table({"id": ["a", "b"], "n": [1, 2]})
@@ -349,7 +353,7 @@ def test_storage_parquet_roundtrip(storage: TestStorage, request: pytest.Fixture
         assert not storage.url.startswith("file:")
 
 
-def test_s3_fs_is_fresh_and_sees_other_writers(s3_storage: TestStorage):
+def test_s3_fs_is_fresh_and_sees_other_writers(s3_storage: TestStorage) -> None:
     fs = s3_storage.fs()
     assert fs is not s3_storage.fs()
     assert fs.ls(s3_storage.bucket) == []
@@ -359,14 +363,14 @@ def test_s3_fs_is_fresh_and_sees_other_writers(s3_storage: TestStorage):
     assert s3_storage.list_files() == [f"{s3_storage.root}/x.parquet"]
 
 
-def test_moto_state_is_reset_between_tests(moto_server: str, s3_storage: TestStorage):
+def test_moto_state_is_reset_between_tests(moto_server: str, s3_storage: TestStorage) -> None:
     """Only this test's bucket exists: the buckets of earlier tests were reset away."""
     client = s3_storage.boto_client()
     assert [b["Name"] for b in client.list_buckets()["Buckets"]] == [s3_storage.bucket]
     assert s3_storage.endpoint_url == moto_server
 
 
-def test_local_storage(local_storage: TestStorage):
+def test_local_storage(local_storage: TestStorage) -> None:
     assert local_storage.kind == "local"
     local_storage.write_bytes("a/b.parquet", b"x")
     assert local_storage.keys() == ["a/b.parquet"]

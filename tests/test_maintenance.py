@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -13,14 +12,17 @@ from archiver.cli.app import app
 from archiver.cli.console import _statements
 from archiver.source.maintenance import sqlite_file_bytes
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, RECENT, archive, write_config
 
 
 @pytest.mark.sqlite
-def test_vacuum_shrinks_the_sqlite_file(sqlite_database: Any, local_storage: Any) -> None:
+def test_vacuum_shrinks_the_sqlite_file(
+    sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_trees(sqlite_database, 40, end_time=EXPIRED, task_runs=4, logs_per_run=20)
     factory.make_tree(sqlite_database, end_time=RECENT)
-    path = Path(sqlite_database.path)
+    path = sqlite_database.sqlite_file
     sqlite_database.dispose()  # the test's own engine holds no pages of the WAL
     grown = sqlite_file_bytes(path)
 
@@ -39,11 +41,11 @@ def test_vacuum_shrinks_the_sqlite_file(sqlite_database: Any, local_storage: Any
 
 @pytest.mark.sqlite
 def test_incremental_auto_vacuum_is_used_when_enabled(
-    sqlite_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     import sqlite3
 
-    path = Path(sqlite_database.path)
+    path = sqlite_database.sqlite_file
     sqlite_database.dispose()
     with sqlite3.connect(path) as connection:  # auto_vacuum changes only through a VACUUM
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -60,7 +62,7 @@ def test_incremental_auto_vacuum_is_used_when_enabled(
 
 @pytest.mark.postgres
 def test_vacuum_analyzes_the_touched_tables_on_postgres(
-    postgres_database: Any, local_storage: Any
+    postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     factory.make_trees(postgres_database, 10, end_time=EXPIRED)
 
@@ -80,7 +82,9 @@ def test_vacuum_analyzes_the_touched_tables_on_postgres(
     assert done.bytes_before and done.bytes_after
 
 
-def test_no_vacuum_unless_asked_or_nothing_archived(database: Any, local_storage: Any) -> None:
+def test_no_vacuum_unless_asked_or_nothing_archived(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     assert archive(database, local_storage).maintenance is None
     assert archive(database, local_storage, vacuum=True).maintenance is None  # nothing left
@@ -88,7 +92,7 @@ def test_no_vacuum_unless_asked_or_nothing_archived(database: Any, local_storage
 
 @pytest.mark.sqlite
 def test_run_vacuum_on_the_command_line(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     factory.make_trees(sqlite_database, 5, end_time=EXPIRED, logs_per_run=10)
     config = write_config(

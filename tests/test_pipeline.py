@@ -7,7 +7,6 @@ import hashlib
 import json
 import threading
 from datetime import timedelta
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -19,16 +18,16 @@ from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.reader import Reader
 from archiver.source.schema import inspect_schema
 from tests import factory, oracle
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
 from tests.helpers import EXPIRED, NOW, RECENT, archive
-from tests.oracle import RUN_TABLES, archived_ids, assert_archive_equals, db_rows
+from tests.oracle import archived_ids, assert_archive_equals
 
 
-def remaining(db: Any, ids_by_table: dict[str, set[str]]) -> dict[str, set[str]]:
+def remaining(db: TestDatabase, ids_by_table: dict[str, set[str]]) -> dict[str, set[str]]:
     """Which of the given ids are still in the database, per table."""
     left = {}
     for table, ids in ids_by_table.items():
-        present = set(db_rows(db, table))
-        left[table] = ids & present
+        left[table] = ids & db.ids(table)
     return left
 
 
@@ -41,7 +40,9 @@ def union(*trees: factory.Tree) -> dict[str, set[str]]:
     return merged
 
 
-def test_expired_trees_archived_and_everything_else_untouched(database: Any, storage: Any) -> None:
+def test_expired_trees_archived_and_everything_else_untouched(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     expired = [factory.make_tree(database, end_time=EXPIRED - timedelta(hours=i)) for i in range(3)]
     kept = [
         factory.make_tree(database, end_time=RECENT),  # too young
@@ -49,7 +50,7 @@ def test_expired_trees_archived_and_everything_else_untouched(database: Any, sto
         factory.make_tree(database, end_time=EXPIRED, state_type="SCHEDULED"),
         factory.make_tree(database, end_time=EXPIRED, state_type="PAUSED"),
     ]
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     report = archive(database, storage)
 
@@ -57,7 +58,7 @@ def test_expired_trees_archived_and_everything_else_untouched(database: Any, sto
     assert report.archived_roots == 3
     assert remaining(database, gone) == {table: set() for table in RUN_TABLES}
     kept_ids = union(*kept)
-    after = {table: db_rows(database, table) for table in RUN_TABLES}
+    after = factory.snapshot(database)
     for table in RUN_TABLES:
         assert kept_ids[table] <= set(after[table]), table
         untouched = {i: row for i, row in before[table].items() if i not in gone[table]}
@@ -66,11 +67,13 @@ def test_expired_trees_archived_and_everything_else_untouched(database: Any, sto
     assert report.rows == {table: len(ids) for table, ids in gone.items()}
 
 
-def test_parquet_equals_deleted_rows_value_for_value(database: Any, storage: Any) -> None:
+def test_parquet_equals_deleted_rows_value_for_value(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     for i in range(2):
         factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1,
                           task_run_state_cache=True, keyed_artifact_key=f"report-{i}")  # fmt: skip
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     archive(database, storage)
 
@@ -79,7 +82,9 @@ def test_parquet_equals_deleted_rows_value_for_value(database: Any, storage: Any
         assert_archive_equals(storage, table, before[table])
 
 
-def test_subflows_three_levels_deep_go_with_their_root(database: Any, storage: Any) -> None:
+def test_subflows_three_levels_deep_go_with_their_root(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED, subflow_depth=3)
     assert len(tree.flow_run_ids) == 4
 
@@ -90,7 +95,9 @@ def test_subflows_three_levels_deep_go_with_their_root(database: Any, storage: A
     assert remaining(database, union(tree)) == {table: set() for table in RUN_TABLES}
 
 
-def test_tree_with_live_subflow_is_skipped_whole(database: Any, storage: Any) -> None:
+def test_tree_with_live_subflow_is_skipped_whole(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     live = factory.make_tree(
         database, end_time=EXPIRED, subflow_depth=2, subflow_state_type="RUNNING"
     )
@@ -103,7 +110,9 @@ def test_tree_with_live_subflow_is_skipped_whole(database: Any, storage: Any) ->
     assert archived_ids(storage)["flow_run"] == set(done.flow_run_ids)
 
 
-def test_many_batches_until_the_backlog_is_done(database: Any, storage: Any) -> None:
+def test_many_batches_until_the_backlog_is_done(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     months_apart = [EXPIRED - timedelta(days=40 * (i % 2), minutes=i) for i in range(11)]
     trees = [factory.make_tree(database, end_time=end, task_runs=1) for end in months_apart]
 
@@ -124,7 +133,7 @@ def test_many_batches_until_the_backlog_is_done(database: Any, storage: Any) -> 
     assert not [f for f in storage.list_files(".json") if "/_pending/" in f]
 
 
-def test_max_batches_stops_early(database: Any, storage: Any) -> None:
+def test_max_batches_stops_early(database: TestDatabase, storage: TestStorage) -> None:
     for i in range(5):
         factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), task_runs=0)
 
@@ -134,19 +143,19 @@ def test_max_batches_stops_early(database: Any, storage: Any) -> None:
     assert database.count("flow_run") == 3
 
 
-def test_dry_run_deletes_and_writes_nothing(database: Any, storage: Any) -> None:
+def test_dry_run_deletes_and_writes_nothing(database: TestDatabase, storage: TestStorage) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     report = archive(database, storage, dry_run=True)
 
     assert report.dry_run and report.expired_roots == 1 and not report.batches
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
     assert storage.list_files("") == []
     assert tree.root_id in before["flow_run"]
 
 
-def test_log_written_after_selection_survives(database: Any, storage: Any) -> None:
+def test_log_written_after_selection_survives(database: TestDatabase, storage: TestStorage) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED)
     late_log: dict[str, str] = {}
 
@@ -165,12 +174,14 @@ def test_log_written_after_selection_survives(database: Any, storage: Any) -> No
 
     assert database.count("log", "id = :id", {"id": late_log["id"]}) == 1
     assert late_log["id"] not in archived_ids(storage)["log"]
-    assert tree.root_id not in db_rows(database, "flow_run")
+    assert tree.root_id not in database.ids("flow_run")
 
 
-def test_storage_failure_mid_batch_leaves_database_unchanged(database: Any, storage: Any) -> None:
+def test_storage_failure_mid_batch_leaves_database_unchanged(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     def break_storage(step: str, batch_id: str) -> None:
         if step == "marker":
@@ -179,12 +190,12 @@ def test_storage_failure_mid_batch_leaves_database_unchanged(database: Any, stor
     with pytest.raises(BatchError, match="nothing in it was deleted"):
         archive(database, storage, hook=break_storage)
 
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
 
 
-def test_corrupted_read_back_rolls_back(database: Any, storage: Any) -> None:
+def test_corrupted_read_back_rolls_back(database: TestDatabase, storage: TestStorage) -> None:
     factory.make_tree(database, end_time=EXPIRED)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
 
     def corrupt(step: str, batch_id: str) -> None:
         if step == "files":
@@ -196,11 +207,13 @@ def test_corrupted_read_back_rolls_back(database: Any, storage: Any) -> None:
         archive(database, storage, hook=corrupt)
 
     assert isinstance(raised.value.cause, VerificationError)
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
     assert storage.list_files(".parquet") == []
 
 
-def test_flow_and_deployment_are_copied_not_deleted(database: Any, storage: Any) -> None:
+def test_flow_and_deployment_are_copied_not_deleted(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     flow_id = factory.make_flow(database, name="etl")
     deployment_id = factory.make_deployment(database, flow_id, name="nightly")
     factory.make_tree(database, flow_id=flow_id, deployment_id=deployment_id, end_time=EXPIRED)
@@ -216,17 +229,21 @@ def test_flow_and_deployment_are_copied_not_deleted(database: Any, storage: Any)
     assert names == [{"name": "etl"}]
 
 
-def test_cutoff_is_exclusive_and_uses_end_time(database: Any, storage: Any) -> None:
+def test_cutoff_is_exclusive_and_uses_end_time(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     boundary = factory.make_tree(database, end_time=NOW - timedelta(days=29, hours=23))
     old = factory.make_tree(database, end_time=NOW - timedelta(days=30, minutes=5))
 
     archive(database, storage, now=NOW)
 
     assert archived_ids(storage)["flow_run"] == {old.root_id}
-    assert boundary.root_id in db_rows(database, "flow_run")
+    assert boundary.root_id in database.ids("flow_run")
 
 
-def test_files_and_manifest_describe_themselves(database: Any, storage: Any) -> None:
+def test_files_and_manifest_describe_themselves(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     factory.make_tree(database, end_time=EXPIRED)
 
     report = archive(database, storage)
@@ -252,7 +269,9 @@ def test_files_and_manifest_describe_themselves(database: Any, storage: Any) -> 
 
 
 @pytest.mark.sqlite
-def test_values_sqlite_does_not_bound_are_archived(sqlite_database: Any, storage: Any) -> None:
+def test_values_sqlite_does_not_bound_are_archived(
+    sqlite_database: TestDatabase, storage: TestStorage
+) -> None:
     tree = factory.make_tree(sqlite_database, end_time=EXPIRED)
     log_id = factory.make_log(sqlite_database, flow_run_id=tree.root_id)
     sqlite_database.execute("UPDATE log SET level = 40000 WHERE id = :id", {"id": log_id})
@@ -263,7 +282,7 @@ def test_values_sqlite_does_not_bound_are_archived(sqlite_database: Any, storage
 
 
 def test_a_subflow_added_after_the_tree_was_walked_stops_the_batch(
-    database: Any, storage: Any
+    database: TestDatabase, storage: TestStorage
 ) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
     walked_before_the_subflow = {tree.root_id}
@@ -283,7 +302,7 @@ def test_a_subflow_added_after_the_tree_was_walked_stops_the_batch(
 
 
 def test_task_run_logs_without_a_flow_run_id_go_with_their_tree(
-    database: Any, storage: Any
+    database: TestDatabase, storage: TestStorage
 ) -> None:
     tree = factory.make_tree(database, end_time=EXPIRED)
     only_task = factory.make_log(database, task_run_id=tree.task_run_ids[0])

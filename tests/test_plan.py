@@ -19,17 +19,13 @@ from archiver.cli.app import app
 from archiver.cli.plan import Plan, plan
 from archiver.source.engine import DatabaseOptions, create_engine, read_only_connection
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, RECENT, archive, options, write_config
-from tests.oracle import RUN_TABLES, db_rows
 
 LAST_MONTH = EXPIRED - timedelta(days=31)
 
 
-def snapshot(db: Any) -> dict[str, Any]:
-    return {table: db_rows(db, table) for table in RUN_TABLES}
-
-
-def make_mixed_trees(db: Any) -> None:
+def make_mixed_trees(db: TestDatabase) -> None:
     """Two months of expired trees, with every kind of row a batch takes, and trees it leaves."""
     factory.make_trees(db, 4, end_time=LAST_MONTH, task_runs=3, subflow_depth=1)
     trees = factory.make_trees(
@@ -42,7 +38,9 @@ def make_mixed_trees(db: Any) -> None:
     factory.make_tree(db, end_time=EXPIRED, state_type="PAUSED")
 
 
-def plan_json(tmp_path: Path, db: Any, storage: Any, **settings: Any) -> dict[str, Any]:
+def plan_json(
+    tmp_path: Path, db: TestDatabase, storage: TestStorage, **settings: Any
+) -> dict[str, Any]:
     config = write_config(
         tmp_path / "plan.toml",
         storage,
@@ -57,14 +55,14 @@ def plan_json(tmp_path: Path, db: Any, storage: Any, **settings: Any) -> dict[st
 
 
 def test_plan_counts_what_the_next_run_archives(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_mixed_trees(database)
-    before = snapshot(database)
+    before = factory.snapshot(database)
 
     planned = plan_json(tmp_path, database, local_storage, batch_size=3)
 
-    assert snapshot(database) == before and local_storage.list_files("") == []
+    assert factory.snapshot(database) == before and local_storage.list_files("") == []
     report = archive(database, local_storage, batch_size=3)
     assert planned["rows"] == {table: report.rows.get(table, 0) for table in planned["rows"]}
     assert planned["rows"]["task_run_state_cache"] > 0 and planned["rows"]["log"] > 0
@@ -81,7 +79,9 @@ def test_plan_counts_what_the_next_run_archives(
     assert set(planned["sweeps"].values()) == {0} and report.sweep_batches == []  # no orphans
 
 
-def test_plan_stops_where_max_batches_stops_a_run(database: Any, local_storage: Any) -> None:
+def test_plan_stops_where_max_batches_stops_a_run(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_trees(database, 5, end_time=EXPIRED)
 
     planned = asyncio.run(plan(options(database, local_storage, batch_size=2, max_batches=2)))
@@ -93,7 +93,9 @@ def test_plan_stops_where_max_batches_stops_a_run(database: Any, local_storage: 
 
 
 @pytest.mark.postgres
-def test_plan_does_not_wait_for_row_locks(postgres_database: Any, local_storage: Any) -> None:
+def test_plan_does_not_wait_for_row_locks(
+    postgres_database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_trees(postgres_database, 3, end_time=EXPIRED)
     dsn = f"host=127.0.0.1 port=5432 user=postgres dbname={postgres_database.name}"
     with psycopg.connect(dsn) as holder:  # Prefect updating every run, uncommitted
@@ -111,13 +113,13 @@ def test_plan_does_not_wait_for_row_locks(postgres_database: Any, local_storage:
 
 
 def test_plan_warns_about_what_would_make_a_run_slow_or_unsafe(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     database.execute("DROP INDEX ix_log__flow_run_id")
     database.execute("DROP INDEX ix_log__flow_run_id_timestamp")
     if database.is_sqlite:
         database.dispose()
-        with sqlite3.connect(database.path) as connection:
+        with sqlite3.connect(database.sqlite_file) as connection:
             connection.execute("PRAGMA journal_mode = DELETE")
 
     result: Plan = asyncio.run(
@@ -132,7 +134,9 @@ def test_plan_warns_about_what_would_make_a_run_slow_or_unsafe(
 
 
 @pytest.mark.sqlite
-def test_plan_table_on_a_terminal(tmp_path: Path, sqlite_database: Any, local_storage: Any) -> None:
+def test_plan_table_on_a_terminal(
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     factory.make_trees(sqlite_database, 2, end_time=EXPIRED)
     config = write_config(
         tmp_path / "c.toml",
@@ -152,7 +156,7 @@ def test_plan_table_on_a_terminal(tmp_path: Path, sqlite_database: Any, local_st
     assert sqlite_database.count("flow_run") == 2
 
 
-def test_plan_reads_through_a_connection_that_refuses_writes(database: Any) -> None:
+def test_plan_reads_through_a_connection_that_refuses_writes(database: TestDatabase) -> None:
     async def try_to_write() -> str:
         engine = create_engine(DatabaseOptions(database.url))
         try:

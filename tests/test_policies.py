@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,30 @@ from archiver.source import reader
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.retention import RuleCount, count_by_rule
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import NOW, RETENTION, archive, write_config
-from tests.oracle import RUN_TABLES, assert_nothing_lost, ledger
+from tests.oracle import assert_nothing_lost, ledger
 
 ROOT = Path(__file__).resolve().parent.parent
-LIGHT = {"task_runs": 0, "states_per_run": 1, "logs_per_run": 0, "artifacts": 0, "inputs": 0}
+LIGHT: dict[str, Any] = {
+    "task_runs": 0,
+    "states_per_run": 1,
+    "logs_per_run": 0,
+    "artifacts": 0,
+    "inputs": 0,
+}
 
 
-def ago(days: float) -> Any:
+def rule(**fields: Any) -> Rule:
+    """A rule as a config file spells it (one name may stand alone, as a string)."""
+    return Rule.model_validate(fields)
+
+
+def ago(days: float) -> datetime:
     return NOW - timedelta(days=days)
 
 
-def run(db: Any, days: float, *, tags: list[str] | None = None, **kwargs: Any) -> str:
+def run(db: TestDatabase, days: float, *, tags: list[str] | None = None, **kwargs: Any) -> str:
     """A light finished top-level run that ended ``days`` ago; its id."""
     tree = factory.make_tree(db, end_time=ago(days), **{**LIGHT, **kwargs})
     if tags is not None:
@@ -39,13 +51,13 @@ def run(db: Any, days: float, *, tags: list[str] | None = None, **kwargs: Any) -
     return tree.root_id
 
 
-def tag(db: Any, run_id: str, tags: list[str]) -> None:
+def tag(db: TestDatabase, run_id: str, tags: list[str]) -> None:
     db.execute(
         "UPDATE flow_run SET tags = :tags WHERE id = :id", {"tags": json.dumps(tags), "id": run_id}
     )
 
 
-def work_queue(db: Any, pool: str, queue: str) -> str:
+def work_queue(db: TestDatabase, pool: str, queue: str) -> str:
     """A work pool with one queue; the queue's id."""
     pool_id, queue_id = factory.uuid4(), factory.uuid4()
     db.execute(
@@ -59,14 +71,16 @@ def work_queue(db: Any, pool: str, queue: str) -> str:
     return queue_id
 
 
-def on_queue(db: Any, run_id: str, queue_id: str, queue: str) -> None:
+def on_queue(db: TestDatabase, run_id: str, queue_id: str, queue: str) -> None:
     db.execute(
         "UPDATE flow_run SET work_queue_id = :queue_id, work_queue_name = :queue WHERE id = :id",
         {"queue_id": queue_id, "queue": queue, "id": run_id},
     )
 
 
-def counts(db: Any, rules: list[Rule], hold: str | None = "legal-hold") -> dict[str, RuleCount]:
+def counts(
+    db: TestDatabase, rules: list[Rule], hold: str | None = "legal-hold"
+) -> dict[str, RuleCount]:
     async def go() -> list[RuleCount]:
         engine = create_engine(DatabaseOptions(db.url))
         try:
@@ -80,7 +94,7 @@ def counts(db: Any, rules: list[Rule], hold: str | None = "legal-hold") -> dict[
     return {count.rule: count for count in asyncio.run(go())}
 
 
-def archived_by_rule(db: Any) -> dict[str, str]:
+def archived_by_rule(db: TestDatabase) -> dict[str, str]:
     """Root id -> the rule the manifests say archived it."""
     found: dict[str, str] = {}
     for manifest in ledger(db).values():
@@ -90,19 +104,19 @@ def archived_by_rule(db: Any) -> dict[str, str]:
 
 
 COMPLIANCE = [
-    Rule(name="prod", deployment="etl/prod", retention=timedelta(days=400)),
-    Rule(name="pii", tags_all=["pii", "eu"], keep="forever"),
-    Rule(name="gpu", work_pool="gpu", retention=timedelta(days=7)),
-    Rule(name="scratch", work_queue="scratch", retention=timedelta(days=2)),
-    Rule(name="ml-recent", flow="ml", keep_last=2, per="flow"),
-    Rule(name="last-3", keep_last=3),
-    Rule(name="failed", state="FAILED", retention=timedelta(days=180)),
-    Rule(name="debug", tags_any=["debug", "tmp"], retention=timedelta(days=1)),
+    rule(name="prod", deployment="etl/prod", retention=timedelta(days=400)),
+    rule(name="pii", tags_all=["pii", "eu"], keep="forever"),
+    rule(name="gpu", work_pool="gpu", retention=timedelta(days=7)),
+    rule(name="scratch", work_queue="scratch", retention=timedelta(days=2)),
+    rule(name="ml-recent", flow="ml", keep_last=2, per="flow"),
+    rule(name="last-3", keep_last=3),
+    rule(name="failed", state="FAILED", retention=timedelta(days=180)),
+    rule(name="debug", tags_any=["debug", "tmp"], retention=timedelta(days=1)),
 ]
 
 
 def test_every_kind_of_rule_decides_and_the_manifest_names_it(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     etl, ml = factory.make_flow(database, "etl"), factory.make_flow(database, "ml")
     prod = factory.make_deployment(database, etl, "prod")
@@ -154,11 +168,11 @@ def test_every_kind_of_rule_decides_and_the_manifest_names_it(
     )
 
 
-def test_rule_order_decides(database: Any, local_storage: Any) -> None:
+def test_rule_order_decides(database: TestDatabase, local_storage: TestStorage) -> None:
     etl = factory.make_flow(database, "etl")
     failed_etl = run(database, 40, flow_id=etl, state_type="FAILED")
-    keep_failed = Rule(name="failures", state="FAILED", keep="forever")
-    etl_month = Rule(name="etl", flow="etl", retention=timedelta(days=30))
+    keep_failed = rule(name="failures", state="FAILED", keep="forever")
+    etl_month = rule(name="etl", flow="etl", retention=timedelta(days=30))
 
     assert counts(database, [keep_failed, etl_month])["failures"].kept == 1
     assert counts(database, [etl_month, keep_failed])["etl"].selected == 1
@@ -169,7 +183,7 @@ def test_rule_order_decides(database: Any, local_storage: Any) -> None:
 
 
 def test_keep_last_per_deployment_breaks_end_time_ties_by_id(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     flow = factory.make_flow(database, "etl")
     deployment = factory.make_deployment(database, flow, "nightly")
@@ -178,7 +192,7 @@ def test_keep_last_per_deployment_breaks_end_time_ties_by_id(
         database, 4, end_time=same_end, flow_id=flow, deployment_id=deployment, **LIGHT
     )
     other = run(database, 60, flow_id=flow, deployment_id=factory.make_deployment(database, flow))
-    rules = [Rule(name="last-2", deployment="nightly", keep_last=2)]
+    rules = [rule(name="last-2", deployment="nightly", keep_last=2)]
     newest_two = set(sorted(tree.root_id for tree in trees)[-2:])
 
     planned = counts(database, rules)
@@ -190,13 +204,15 @@ def test_keep_last_per_deployment_breaks_end_time_ties_by_id(
     assert other in archived_by_rule(database)
 
 
-def test_a_legal_hold_on_a_subflow_keeps_the_whole_tree(database: Any, local_storage: Any) -> None:
+def test_a_legal_hold_on_a_subflow_keeps_the_whole_tree(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     tree = factory.make_tree(database, end_time=ago(40), subflow_depth=2, **LIGHT)
     free = run(database, 41)
     tag(database, tree.subflow_ids[-1], ["legal-hold", "x"])
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
 
-    assert counts(database, [Rule(keep="forever", state="CRASHED")])["default"].held == 1
+    assert counts(database, [rule(keep="forever", state="CRASHED")])["default"].held == 1
     report = archive(database, local_storage)
 
     assert report.archived_roots == 1 and report.held_roots == [tree.root_id]
@@ -206,7 +222,7 @@ def test_a_legal_hold_on_a_subflow_keeps_the_whole_tree(database: Any, local_sto
 
 
 def test_a_legal_hold_added_after_a_plan_and_another_tag_name(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     root, subflow_tree = (
         run(database, 40),
@@ -227,7 +243,10 @@ def test_a_legal_hold_added_after_a_plan_and_another_tag_name(
 @pytest.mark.postgres
 @pytest.mark.parametrize("moment", ["roots locked", "tree checked, not yet locked"])
 def test_a_legal_hold_added_between_selection_and_delete_protects_the_tree(
-    postgres_database: Any, local_storage: Any, moment: str, monkeypatch: pytest.MonkeyPatch
+    postgres_database: TestDatabase,
+    local_storage: TestStorage,
+    moment: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On PostgreSQL the roots are locked first and their trees later: a tag added to a
     subflow in between (Prefect's API is free to) must still keep the tree, also when
@@ -258,7 +277,9 @@ def test_a_legal_hold_added_between_selection_and_delete_protects_the_tree(
     assert set(tree.flow_run_ids) <= db.ids("flow_run")
 
 
-def test_no_policies_records_the_default_rule(sqlite_database: Any, local_storage: Any) -> None:
+def test_no_policies_records_the_default_rule(
+    sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     root = run(sqlite_database, 40)
     archive(sqlite_database, local_storage)
     assert archived_by_rule(sqlite_database) == {root: "default"}
@@ -328,7 +349,7 @@ def test_the_example_policies_load(tmp_path: Path) -> None:
 
 
 def test_a_dry_run_shows_each_rule(
-    sqlite_database: Any, local_storage: Any, tmp_path: Path
+    sqlite_database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     run(sqlite_database, 200, state_type="FAILED")
     run(sqlite_database, 100, state_type="FAILED")

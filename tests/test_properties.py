@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from archiver.engine.run import STEPS
 from tests import factory
 from tests.helpers import NOW, archive
-from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+from tests.oracle import assert_archive_consistent, assert_nothing_lost
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def check_one_example(
         ))
         for spec in specs
     ]  # fmt: skip
-    before = {table: db.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(db)
     seen = {"count": 0}
 
     def hook(step: str, batch_id: str) -> None:

@@ -13,13 +13,15 @@ from typing import Any
 
 from archiver.engine.restore import RestoreOptions, restore
 from archiver.source.engine import DatabaseOptions
+from tests import factory
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
 from tests.helpers import NOW, archive
-from tests.oracle import RUN_TABLES, archived_rows, assert_archive_equals, db_rows
+from tests.oracle import archived_rows, assert_archive_equals
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_prefect_flows(db: Any, home: Path, parents: int) -> None:
+def run_prefect_flows(db: TestDatabase, home: Path, parents: int) -> None:
     env = dict(
         os.environ,
         PREFECT_HOME=str(home),
@@ -38,9 +40,11 @@ def run_prefect_flows(db: Any, home: Path, parents: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_archive_what_prefect_wrote(database: Any, local_storage: Any, tmp_path: Path) -> None:
+def test_archive_what_prefect_wrote(
+    database: TestDatabase, local_storage: TestStorage, tmp_path: Path
+) -> None:
     run_prefect_flows(database, tmp_path / "prefect-home", parents=2)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
     assert len(before["flow_run"]) == 6  # 2 parents x (1 + 2 subflows)
     assert before["task_run"] and before["task_run_state"] and before["log"]
 
@@ -62,7 +66,7 @@ def test_archive_what_prefect_wrote(database: Any, local_storage: Any, tmp_path:
     assert len(subflows) == 4
 
 
-def read_through_prefect(db: Any, home: Path) -> dict[str, Any]:
+def read_through_prefect(db: TestDatabase, home: Path) -> dict[str, Any]:
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_DATABASE_CONNECTION_URL=db.url)
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run(
@@ -75,7 +79,7 @@ def read_through_prefect(db: Any, home: Path) -> dict[str, Any]:
 
 
 def test_prefect_shows_a_restored_run_as_it_was(
-    database: Any, local_storage: Any, tmp_path: Path
+    database: TestDatabase, local_storage: TestStorage, tmp_path: Path
 ) -> None:
     home = tmp_path / "prefect-home"
     run_prefect_flows(database, home, parents=1)

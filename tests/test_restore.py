@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,19 +16,18 @@ from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.errors import ArchiverError
 from archiver.source.engine import DatabaseOptions
 from tests import factory
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive
 from tests.oracle import (
-    RUN_TABLES,
     archived_ids,
     assert_archive_consistent,
     assert_nothing_lost,
-    db_rows,
     field_kinds,
     normalise,
 )
 
 
-def restore_into(db: Any, storage: Any, **selection: Any) -> RestoreReport:
+def restore_into(db: TestDatabase, storage: TestStorage, **selection: Any) -> RestoreReport:
     options = RestoreOptions(
         database=DatabaseOptions(db.url),
         storage_url=storage.url,
@@ -37,7 +37,7 @@ def restore_into(db: Any, storage: Any, **selection: Any) -> RestoreReport:
     return asyncio.run(restore(options))
 
 
-def make_trees(db: Any, count: int) -> list[factory.Tree]:
+def make_trees(db: TestDatabase, count: int) -> list[factory.Tree]:
     return [
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1,
                           artifacts=4, task_run_state_cache=True)
@@ -45,25 +45,25 @@ def make_trees(db: Any, count: int) -> list[factory.Tree]:
     ]  # fmt: skip
 
 
-def test_round_trip_into_the_same_database(database: Any, storage: Any) -> None:
+def test_round_trip_into_the_same_database(database: TestDatabase, storage: TestStorage) -> None:
     make_trees(database, 3)
-    before = {table: db_rows(database, table) for table in RUN_TABLES}
+    before = factory.snapshot(database)
     archive(database, storage, batch_size=2)
     assert database.count("flow_run") == 0
 
     report = restore_into(database, storage, ended_after=EXPIRED - timedelta(days=1))
 
     assert report.runs == 3 and len(report.batches) == 2
-    assert {table: db_rows(database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(database) == before
 
 
 @pytest.mark.sqlite
 @pytest.mark.postgres
 def test_round_trip_from_sqlite_into_postgres(
-    sqlite_database: Any, postgres_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_trees(sqlite_database, 2)
-    before = {table: db_rows(sqlite_database, table) for table in RUN_TABLES}
+    before = factory.snapshot(sqlite_database)
     factory.make_flow(postgres_database)  # the target has flows of its own
     archive(sqlite_database, local_storage)
 
@@ -71,7 +71,7 @@ def test_round_trip_from_sqlite_into_postgres(
 
     for table in RUN_TABLES:
         kinds = field_kinds(local_storage, table)
-        after = db_rows(postgres_database, table)
+        after = factory.db_rows(postgres_database, table)
         assert set(after) == set(before[table]), table
         for row_id, original in before[table].items():
             for column, value in original.items():
@@ -85,7 +85,7 @@ def test_round_trip_from_sqlite_into_postgres(
                     assert got == want, (table, column)
 
 
-def test_restore_one_run_out_of_many(database: Any, storage: Any) -> None:
+def test_restore_one_run_out_of_many(database: TestDatabase, storage: TestStorage) -> None:
     trees = make_trees(database, 3)
     archive(database, storage)
 
@@ -98,13 +98,13 @@ def test_restore_one_run_out_of_many(database: Any, storage: Any) -> None:
 
 
 def test_existing_rows_are_skipped_or_refused(
-    sqlite_database: Any, postgres_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(sqlite_database, 2)
     archive(sqlite_database, local_storage)
     # a copy into another database, then again: every row is there already
     first = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
-    before = {table: db_rows(postgres_database, table) for table in RUN_TABLES}
+    before = factory.snapshot(postgres_database)
 
     again = restore_into(postgres_database, local_storage, run_ids=(trees[0].root_id,))
     with pytest.raises(ArchiverError, match="already exist"):
@@ -114,10 +114,10 @@ def test_existing_rows_are_skipped_or_refused(
 
     assert first.inserted["flow_run"] == 2 and again.inserted["flow_run"] == 0
     assert again.existing["flow_run"] == 2
-    assert {table: db_rows(postgres_database, table) for table in RUN_TABLES} == before
+    assert factory.snapshot(postgres_database) == before
 
 
-def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
+def test_dry_run_writes_nothing(database: TestDatabase, storage: TestStorage) -> None:
     trees = make_trees(database, 1)
     archive(database, storage)
 
@@ -126,14 +126,16 @@ def test_dry_run_writes_nothing(database: Any, storage: Any) -> None:
     assert report.inserted["flow_run"] == 2 and database.count("flow_run") == 0
 
 
-def test_unknown_run_id_is_a_clear_error(database: Any, storage: Any) -> None:
+def test_unknown_run_id_is_a_clear_error(database: TestDatabase, storage: TestStorage) -> None:
     make_trees(database, 1)
     archive(database, storage)
     with pytest.raises(ArchiverError, match="no archived top-level run"):
         restore_into(database, storage, run_ids=("00000000-0000-4000-8000-000000000000",))
 
 
-def test_restore_command(tmp_path: Any, sqlite_database: Any, local_storage: Any) -> None:
+def test_restore_command(
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     trees = make_trees(sqlite_database, 2)
     archive(sqlite_database, local_storage)
     config = tmp_path / "archiver.toml"
@@ -150,10 +152,10 @@ def test_restore_command(tmp_path: Any, sqlite_database: Any, local_storage: Any
 
 
 def test_restore_moves_rows_out_of_the_archive_so_they_can_be_archived_again(
-    database: Any, storage: Any
+    database: TestDatabase, storage: TestStorage
 ) -> None:
     trees = make_trees(database, 3)
-    before = {table: database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(database)
     archive(database, storage)  # one batch with all three
 
     report = restore_into(database, storage, run_ids=(trees[1].root_id,))
@@ -173,7 +175,7 @@ def test_restore_moves_rows_out_of_the_archive_so_they_can_be_archived_again(
 
 
 def test_restore_into_another_database_copies(
-    sqlite_database: Any, postgres_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, postgres_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     trees = make_trees(sqlite_database, 2)
     archive(sqlite_database, local_storage)
@@ -185,7 +187,9 @@ def test_restore_into_another_database_copies(
     assert postgres_database.ids("flow_run") == set(trees[0].flow_run_ids)
 
 
-def test_columns_that_differ_between_archive_and_target(database: Any, storage: Any) -> None:
+def test_columns_that_differ_between_archive_and_target(
+    database: TestDatabase, storage: TestStorage
+) -> None:
     tree = make_trees(database, 1)[0]
     archive(database, storage)
     database.execute("ALTER TABLE flow_run DROP COLUMN infrastructure_pid")

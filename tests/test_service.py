@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,33 +23,35 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
+from archiver import RunReport
 from archiver.cli.app import app
-from archiver.cli.console import TerminalProgress
+from archiver.cli.console import JsonLines, TerminalProgress
 from archiver.cli.schedule import LoopListeners, Schedule, parse_duration, run_on_schedule
 from archiver.cli.service import Service
 from archiver.errors import ArchiverError, TransientDatabaseError, VerificationError
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive, options, write_config
-from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
+from tests.oracle import assert_archive_consistent, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_expired(db: Any, count: int) -> dict[str, set[str]]:
+def make_expired(db: TestDatabase, count: int) -> dict[str, set[str]]:
     for i in range(count):
         factory.make_tree(db, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=i % 2)
-    return {table: db.ids(table) for table in RUN_TABLES}
+    return factory.snapshot_ids(db)
 
 
-def config(tmp_path: Path, db: Any, storage: Any, **extra: Any) -> str:
+def config(tmp_path: Path, db: TestDatabase, storage: TestStorage, **extra: Any) -> str:
     values = {"database_url": db.url, "retention_period": "P30D", "batch_interval": 0,
               "batch_size": 1, **extra}  # fmt: skip
     return str(write_config(tmp_path / "archiver.toml", storage, **values))
 
 
-def invoke(*args: str) -> Any:
+def invoke(*args: str) -> Result:
     return CliRunner().invoke(app, list(args))
 
 
@@ -65,7 +68,7 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def test_json_lines_report_and_metrics_match_the_database(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     before = make_expired(database, 3)
     metrics_file = tmp_path / "archiver.prom"
@@ -112,7 +115,7 @@ def test_json_lines_report_and_metrics_match_the_database(
 
 
 def test_max_batches_stops_with_work_left_and_exit_0(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_expired(sqlite_database, 3)
     cfg = config(tmp_path, sqlite_database, local_storage)
@@ -127,7 +130,7 @@ def test_max_batches_stops_with_work_left_and_exit_0(
 
 
 def test_max_runtime_starts_no_batch_that_would_overrun(
-    sqlite_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     before = make_expired(sqlite_database, 3)
 
@@ -147,7 +150,7 @@ def test_max_runtime_starts_no_batch_that_would_overrun(
 
 
 def test_a_failed_run_exits_1_and_reports_what_it_committed(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     before = make_expired(sqlite_database, 2)
     seen: list[str] = []
@@ -173,13 +176,13 @@ def test_a_failed_run_exits_1_and_reports_what_it_committed(
     assert_archive_consistent(sqlite_database, local_storage)
 
 
-def _json_reporter(buffer: io.StringIO) -> Any:
-    from archiver.cli.console import JsonLines
-
+def _json_reporter(buffer: io.StringIO) -> JsonLines:
     return JsonLines(buffer, Console(file=io.StringIO()))
 
 
-def test_progress_bar_on_a_terminal(sqlite_database: Any, local_storage: Any) -> None:
+def test_progress_bar_on_a_terminal(
+    sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     make_expired(sqlite_database, 2)
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=160, color_system=None)
@@ -193,7 +196,7 @@ def test_progress_bar_on_a_terminal(sqlite_database: Any, local_storage: Any) ->
 
 
 def test_loop_goes_on_after_a_transient_failure_and_stops_on_request(
-    sqlite_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     before = make_expired(sqlite_database, 2)
     heard: dict[str, list[Any]] = {"errors": [], "runs": []}
@@ -209,7 +212,7 @@ def test_loop_goes_on_after_a_transient_failure_and_stops_on_request(
     async def loop() -> int:
         stop = asyncio.Event()
 
-        def ran(report: Any) -> None:
+        def ran(report: RunReport) -> None:
             heard["runs"].append(report)
             stop.set()
 
@@ -225,7 +228,9 @@ def test_loop_goes_on_after_a_transient_failure_and_stops_on_request(
     assert_nothing_lost(sqlite_database, local_storage, before)
 
 
-def test_loop_stops_on_a_non_transient_failure(sqlite_database: Any, local_storage: Any) -> None:
+def test_loop_stops_on_a_non_transient_failure(
+    sqlite_database: TestDatabase, local_storage: TestStorage
+) -> None:
     make_expired(sqlite_database, 1)
 
     def broken(step: str, batch_id: str) -> None:
@@ -292,11 +297,14 @@ def start_child(*args: str, hook_ready: Path | None = None) -> subprocess.Popen[
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def wait_for(predicate: Any, what: str, child: subprocess.Popen[str], timeout: float = 60) -> None:
+def wait_for(
+    predicate: Callable[[], bool], what: str, child: subprocess.Popen[str], timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if child.poll() is not None:
-            pytest.fail(f"child exited {child.returncode} before {what}: {child.stderr.read()}")
+            stderr = child.stderr.read() if child.stderr else ""
+            pytest.fail(f"child exited {child.returncode} before {what}: {stderr}")
         if time.monotonic() > deadline:
             child.kill()
             pytest.fail(f"timed out waiting for {what}")
@@ -304,7 +312,7 @@ def wait_for(predicate: Any, what: str, child: subprocess.Popen[str], timeout: f
 
 
 def test_sigterm_during_a_batch_finishes_it_and_exits_0(
-    tmp_path: Path, database: Any, local_storage: Any
+    tmp_path: Path, database: TestDatabase, local_storage: TestStorage
 ) -> None:
     before = make_expired(database, 3)
     in_batch = tmp_path / "in-batch"
@@ -333,7 +341,7 @@ def free_port() -> int:
 
 
 def test_loop_serves_metrics_and_exits_0_on_sigterm_while_sleeping(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_expired(sqlite_database, 2)
     port = free_port()
@@ -342,7 +350,7 @@ def test_loop_serves_metrics_and_exits_0_on_sigterm_while_sleeping(
                         "--metrics-file", str(metrics_file),
                         "-c", config(tmp_path, sqlite_database, local_storage))  # fmt: skip
     assert child.stdout is not None
-    lines = []
+    lines: list[dict[str, Any]] = []
     while not lines or lines[-1]["event"] != "sleep":  # the first run, then the sleep
         line = child.stdout.readline()
         if not line:
@@ -370,7 +378,7 @@ def test_loop_serves_metrics_and_exits_0_on_sigterm_while_sleeping(
 
 
 def test_an_unwritable_metrics_file_fails_before_any_batch(
-    tmp_path: Path, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_expired(sqlite_database, 1)
     cfg = config(tmp_path, sqlite_database, local_storage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_retention_accepts_seconds_and_iso_8601(value: object) -> None:
         ({"sweep_batch_size": 10}, "invalid setting sweep_batch_size"),
     ],
 )
-def test_bad_values_give_one_line_errors(overrides: dict[str, object], message: str) -> None:
+def test_bad_values_give_one_line_errors(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(**overrides)
     assert message in str(raised.value)

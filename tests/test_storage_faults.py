@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -15,23 +14,14 @@ from typer.testing import CliRunner
 from archiver.cli.app import app
 from archiver.errors import BatchError, StorageError
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive, moto_process, mounted_tmpfs
-from tests.oracle import (
-    RUN_TABLES,
-    assert_archive_consistent,
-    assert_nothing_lost,
-    db_rows,
-    ledger,
-)
+from tests.oracle import assert_archive_consistent, assert_nothing_lost, ledger
 
 
-def snapshot(db: Any) -> dict[str, Any]:
-    return {table: db_rows(db, table) for table in RUN_TABLES}
-
-
-def test_file_missing_on_read_back_rolls_back(database: Any, storage: Any) -> None:
+def test_file_missing_on_read_back_rolls_back(database: TestDatabase, storage: TestStorage) -> None:
     factory.make_tree(database, end_time=EXPIRED)
-    before = snapshot(database)
+    before = factory.snapshot(database)
 
     def lose_a_file(step: str, batch_id: str) -> None:
         if step == "files":
@@ -40,12 +30,12 @@ def test_file_missing_on_read_back_rolls_back(database: Any, storage: Any) -> No
     with pytest.raises(BatchError, match="nothing in it was deleted"):
         archive(database, storage, hook=lose_a_file)
 
-    assert snapshot(database) == before
+    assert factory.snapshot(database) == before
     assert storage.list_files() == []
 
 
 def test_manifest_write_failure_after_commit_is_completed_by_the_next_run(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     factory.make_tree(database, end_time=EXPIRED)
     obstacles: list[Path] = []
@@ -76,10 +66,12 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.sqlite
-def test_full_disk_rolls_back_with_a_clear_error(sqlite_database: Any, tiny_disk: Path) -> None:
+def test_full_disk_rolls_back_with_a_clear_error(
+    sqlite_database: TestDatabase, tiny_disk: Path
+) -> None:
     for _ in range(3):
         factory.make_tree(sqlite_database, end_time=EXPIRED, logs_per_run=30, artifacts=4)
-    before = snapshot(sqlite_database)
+    before = factory.snapshot(sqlite_database)
     storage = factory.TestStorage("local", str(tiny_disk / "archive"), {})
 
     with pytest.raises(BatchError) as raised:
@@ -87,7 +79,7 @@ def test_full_disk_rolls_back_with_a_clear_error(sqlite_database: Any, tiny_disk
 
     assert "no space left on the device" in str(raised.value)
     assert "nothing in it was deleted" in str(raised.value) and "\n" not in str(raised.value)
-    assert snapshot(sqlite_database) == before
+    assert factory.snapshot(sqlite_database) == before
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +91,10 @@ def moto_with_auth() -> Iterator[str]:
 
 @pytest.mark.s3
 def test_wrong_s3_credentials_give_one_line_and_delete_nothing(
-    tmp_path: Path, database: Any, moto_with_auth: str
+    tmp_path: Path, database: TestDatabase, moto_with_auth: str
 ) -> None:
     factory.make_tree(database, end_time=EXPIRED)
-    before = snapshot(database)
+    before = factory.snapshot(database)
     config = tmp_path / "c.toml"
     config.write_text(
         f'database_url = "{database.url}"\nstorage_url = "s3://archive-bucket/x"\n'
@@ -116,16 +108,16 @@ def test_wrong_s3_credentials_give_one_line_and_delete_nothing(
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "access denied" in lines[0] and "credentials" in lines[0]
-    assert snapshot(database) == before
+    assert factory.snapshot(database) == before
 
 
 @pytest.mark.postgres
 def test_lost_database_connection_mid_batch_is_retried(
-    postgres_database: Any, storage: Any
+    postgres_database: TestDatabase, storage: TestStorage
 ) -> None:
     for i in range(3):
         factory.make_tree(postgres_database, end_time=EXPIRED - timedelta(minutes=i))
-    before = {table: postgres_database.ids(table) for table in RUN_TABLES}
+    before = factory.snapshot_ids(postgres_database)
     killed: list[int] = []
 
     def kill_connection(step: str, batch_id: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import sqlite3
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -21,24 +22,17 @@ from archiver.engine.restore import RestoreOptions, restore
 from archiver.engine.sweeps import SweepOptions, count_sweeps
 from archiver.source.engine import DatabaseOptions, create_engine
 from archiver.source.schema import inspect_schema
-from tests import factory
+from tests import factory, kill
+from tests.factory import RUN_TABLES, TestDatabase, TestStorage
 from tests.helpers import EXPIRED, NOW, RECENT, RETENTION, archive, fail_at, write_config
-from tests.oracle import (
-    RUN_TABLES,
-    archived_rows,
-    assert_archive_consistent,
-    assert_nothing_lost,
-)
-from tests.test_crash import crash_in_child
+from tests.oracle import archived_rows, assert_archive_consistent, assert_nothing_lost
 
 SWEEP_TABLES = ("events", "event_resources", "artifact_collection")
+#: Every table a run or a sweep may take rows from.
+TAKEN_TABLES = (*RUN_TABLES, *SWEEP_TABLES)
 
 
-def snapshot_ids(db: Any) -> dict[str, set[str]]:
-    return {table: db.ids(table) for table in (*RUN_TABLES, *SWEEP_TABLES)}
-
-
-def make_orphans(db: Any) -> dict[str, Any]:
+def make_orphans(db: TestDatabase) -> dict[str, Any]:
     """Old orphans of every kind the default sweeps take, and rows that must stay."""
     live = factory.make_tree(db, end_time=None)  # a running flow run
     made = {
@@ -67,10 +61,12 @@ def make_orphans(db: Any) -> dict[str, Any]:
     return made
 
 
-def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage: Any) -> None:
+def test_orphans_archived_young_and_live_rows_kept(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     made = make_orphans(database)
     expired = factory.make_tree(database, end_time=EXPIRED, subflow_depth=1)
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
     collection_before = database.rows('SELECT id, "key" FROM artifact_collection')
 
     report = archive(database, local_storage, sweep_batch_size=100)
@@ -98,11 +94,11 @@ def test_orphans_archived_young_and_live_rows_kept(database: Any, local_storage:
 
 
 def test_orphans_in_many_batches_with_kind_in_the_parquet_metadata(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     months = [EXPIRED - timedelta(days=31 * (i % 2), minutes=i) for i in range(9)]
     orphans = {factory.make_log(database, flow_run_id=factory.uuid4(), timestamp=t) for t in months}
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     report = archive(database, local_storage, sweep_batch_size=2)
 
@@ -118,7 +114,7 @@ def test_orphans_in_many_batches_with_kind_in_the_parquet_metadata(
     assert_nothing_lost(database, local_storage, before)
 
 
-def detach_task_run(db: Any, tree: factory.Tree) -> str:
+def detach_task_run(db: TestDatabase, tree: factory.Tree) -> str:
     """Make the tree's first task run a background task run (no flow run), as `.delay()` does."""
     task_id = tree.task_run_ids[0]
     for table in ("log", "artifact"):
@@ -128,7 +124,7 @@ def detach_task_run(db: Any, tree: factory.Tree) -> str:
 
 
 def test_standalone_task_runs_archived_with_states_and_logs(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     old, *others = [factory.make_tree(database, end_time=EXPIRED - timedelta(hours=i))
                     for i in range(3)]  # fmt: skip
@@ -138,7 +134,7 @@ def test_standalone_task_runs_archived_with_states_and_logs(
     old_states = database.ids("task_run_state", "task_run_id = :t", {"t": old_task})
     old_logs = database.ids("log", "task_run_id = :t", {"t": old_task})
     assert old_states and old_logs
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     report = archive(database, local_storage, sweep_batch_size=1)
 
@@ -175,7 +171,7 @@ def test_a_standalone_task_runs_result_artifact_leaves_with_it(
 
 
 def test_collections_follow_the_artifacts_a_run_batch_archives(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     kept = factory.make_tree(database, end_time=RECENT, keyed_artifact_key="report")
     expired = factory.make_tree(database, end_time=EXPIRED, keyed_artifact_key="report")
@@ -197,7 +193,9 @@ def test_collections_follow_the_artifacts_a_run_batch_archives(
     assert only.root_id not in database.ids("flow_run")
 
 
-def test_stale_collections_re_pointed_or_archived(database: Any, local_storage: Any) -> None:
+def test_stale_collections_re_pointed_or_archived(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     older = factory.make_artifact(database, key="two", created=EXPIRED - timedelta(days=1))
     gone = factory.make_artifact(database, key="two", created=EXPIRED)
     lone = factory.make_artifact(database, key="one", created=EXPIRED)
@@ -214,7 +212,7 @@ def test_stale_collections_re_pointed_or_archived(database: Any, local_storage: 
     assert report.swept["collections"]["artifact_collection"] == 1
 
 
-def make_event(db: Any, occurred: datetime, resources: int = 2) -> tuple[str, set[str]]:
+def make_event(db: TestDatabase, occurred: datetime, resources: int = 2) -> tuple[str, set[str]]:
     event_id = factory.uuid4()
     db.execute(
         "INSERT INTO events (id, created, updated, occurred, event, resource_id, resource,"
@@ -235,7 +233,7 @@ def make_event(db: Any, occurred: datetime, resources: int = 2) -> tuple[str, se
 
 
 def test_events_archived_only_when_enabled_and_past_their_retention(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     old = [make_event(database, NOW - timedelta(days=8, minutes=i)) for i in range(3)]
     young = make_event(database, NOW - timedelta(days=6))
@@ -267,11 +265,11 @@ def test_events_archived_only_when_enabled_and_past_their_retention(
 
 
 def test_sqlite_rows_orphaned_with_foreign_keys_off(
-    sqlite_database: Any, local_storage: Any
+    sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     tree = factory.make_tree(sqlite_database, end_time=EXPIRED, subflow_depth=1)
-    before = snapshot_ids(sqlite_database)
-    raw = sqlite3.connect(sqlite_database.path)  # foreign_keys is OFF by default here
+    before = factory.snapshot_ids(sqlite_database, TAKEN_TABLES)
+    raw = sqlite3.connect(sqlite_database.sqlite_file)  # foreign_keys is OFF by default here
     with raw:
         raw.execute("DELETE FROM flow_run WHERE id = ?", (tree.root_id,))
     raw.close()
@@ -292,7 +290,9 @@ def test_sqlite_rows_orphaned_with_foreign_keys_off(
     assert_nothing_lost(sqlite_database, local_storage, before)
 
 
-def test_restore_an_orphan_batch_by_its_id(database: Any, local_storage: Any) -> None:
+def test_restore_an_orphan_batch_by_its_id(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     made = make_orphans(database)
     archive(database, local_storage)
     manifests = list_batches(Storage(local_storage.url))
@@ -314,7 +314,9 @@ def test_restore_an_orphan_batch_by_its_id(database: Any, local_storage: Any) ->
     assert verified.sound and not verified.open_batches
 
 
-def test_count_sweeps_matches_what_a_run_takes(database: Any, local_storage: Any) -> None:
+def test_count_sweeps_matches_what_a_run_takes(
+    database: TestDatabase, local_storage: TestStorage
+) -> None:
     make_orphans(database)
 
     async def count() -> dict[str, int]:
@@ -339,9 +341,11 @@ def test_count_sweeps_matches_what_a_run_takes(database: Any, local_storage: Any
 @pytest.mark.parametrize(
     "step", ["marker", "files", "verified", "deleted", "committed", "manifest"]
 )
-def test_a_failing_sweep_batch_loses_nothing(database: Any, local_storage: Any, step: str) -> None:
+def test_a_failing_sweep_batch_loses_nothing(
+    database: TestDatabase, local_storage: TestStorage, step: str
+) -> None:
     made = make_orphans(database)
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     with pytest.raises(RuntimeError, match="injected fault"):
         archive(database, local_storage, hook=fail_at(step), sweep_batch_size=2)
@@ -350,7 +354,9 @@ def test_a_failing_sweep_batch_loses_nothing(database: Any, local_storage: Any, 
     finish_sweeps(database, local_storage, before, made)
 
 
-def finish_sweeps(db: Any, storage: Any, before: dict[str, set[str]], made: dict[str, Any]) -> None:
+def finish_sweeps(
+    db: TestDatabase, storage: TestStorage, before: dict[str, set[str]], made: dict[str, Any]
+) -> None:
     report = archive(db, storage)  # recovers, then sweeps the rest
     assert_nothing_lost(db, storage, before)
     assert_archive_consistent(db, storage)
@@ -360,18 +366,20 @@ def finish_sweeps(db: Any, storage: Any, before: dict[str, set[str]], made: dict
 
 
 @pytest.mark.parametrize("step", ["deleted", "committed"])
-def test_sweep_killed_mid_batch_loses_nothing(database: Any, local_storage: Any, step: str) -> None:
+def test_sweep_killed_mid_batch_loses_nothing(
+    database: TestDatabase, local_storage: TestStorage, step: str
+) -> None:
     made = make_orphans(database)
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
-    crash_in_child(database, local_storage, step, 1)
+    kill.killed_at(kill.Job.of("run", database, local_storage, batch_size=2), step)
 
     assert_nothing_lost(database, local_storage, before)
     finish_sweeps(database, local_storage, before, made)
 
 
 def test_cli_reports_sweeps_in_dry_run_and_after_a_run(
-    tmp_path: Any, sqlite_database: Any, local_storage: Any
+    tmp_path: Path, sqlite_database: TestDatabase, local_storage: TestStorage
 ) -> None:
     make_orphans(sqlite_database)
     config = write_config(

@@ -6,22 +6,22 @@ import hashlib
 import json
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from archiver import open_archive
 from archiver.cli.app import app
 from tests import factory
+from tests.factory import TestDatabase, TestStorage
 from tests.helpers import EXPIRED, archive, write_config
 
 
 @pytest.fixture
-def archived(database: Any, storage: Any, tmp_path: Path) -> Path:
+def archived(database: TestDatabase, storage: TestStorage, tmp_path: Path) -> Path:
     """Two batches archived from the test database; returns a config file for the CLI."""
     for i in range(4):
         factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i), subflow_depth=1)
@@ -29,7 +29,7 @@ def archived(database: Any, storage: Any, tmp_path: Path) -> Path:
     return write_config(tmp_path / "archiver.toml", storage)
 
 
-def verify(config: Path) -> Any:
+def verify(config: Path) -> Result:
     return CliRunner().invoke(app, ["verify", "--config", str(config)])
 
 
@@ -46,27 +46,27 @@ def test_verify_passes_a_sound_archive(archived: Path) -> None:
     assert "2 batches" in result.stdout and ": sound" in result.stdout
 
 
-def test_verify_catches_a_deleted_file(archived: Path, storage: Any) -> None:
+def test_verify_catches_a_deleted_file(archived: Path, storage: TestStorage) -> None:
     storage.fs().rm_file(next(f for f in storage.list_files() if "/task_run/" in f))
     result = verify(archived)
     assert result.exit_code == 1 and "is missing" in result.stderr
 
 
-def test_verify_catches_a_truncated_file(archived: Path, storage: Any) -> None:
+def test_verify_catches_a_truncated_file(archived: Path, storage: TestStorage) -> None:
     key = next(k for k in storage.keys(".parquet") if k.startswith("log/"))
     storage.write_bytes(key, storage.read_bytes(key)[:-100])
     result = verify(archived)
     assert result.exit_code == 1 and "checksum differs" in result.stderr
 
 
-def test_verify_catches_a_file_from_another_batch(archived: Path, storage: Any) -> None:
+def test_verify_catches_a_file_from_another_batch(archived: Path, storage: TestStorage) -> None:
     first, second = sorted(k for k in storage.keys(".parquet") if k.startswith("flow_run/"))
     storage.write_bytes(first, storage.read_bytes(second))
     result = verify(archived)
     assert result.exit_code == 1 and "checksum differs" in result.stderr
 
 
-def test_verify_catches_a_tampered_manifest(archived: Path, storage: Any) -> None:
+def test_verify_catches_a_tampered_manifest(archived: Path, storage: TestStorage) -> None:
     key = next(k for k in storage.keys(".json") if k.startswith("_manifests/"))
     manifest = json.loads(storage.read_bytes(key))
     manifest["files"][0]["rows"] += 1
@@ -76,7 +76,7 @@ def test_verify_catches_a_tampered_manifest(archived: Path, storage: Any) -> Non
     assert result.exit_code == 1 and "checksum differs" in result.stderr
 
 
-def test_verify_catches_a_file_in_no_manifest(archived: Path, storage: Any) -> None:
+def test_verify_catches_a_file_in_no_manifest(archived: Path, storage: TestStorage) -> None:
     key = next(k for k in storage.keys(".parquet") if k.startswith("log/"))
     storage.write_bytes(key.replace(".parquet", "-stray.parquet"), storage.read_bytes(key))
     result = verify(archived)
@@ -84,13 +84,13 @@ def test_verify_catches_a_file_in_no_manifest(archived: Path, storage: Any) -> N
 
 
 def test_open_archive_and_duckdb_read_the_same_rows(
-    archived: Path, database: Any, storage: Any
+    archived: Path, database: TestDatabase, storage: TestStorage
 ) -> None:
     tables = open_archive(storage.url, storage.options)
     runs = tables["flow_run"].to_table()
     assert runs.num_rows == 8 and set(runs.column("month").to_pylist()) == {f"{EXPIRED:%Y-%m}"}
     if storage.kind == "local":  # the README's DuckDB recipe
-        count = duckdb.sql(
+        count = duckdb.execute(
             f"SELECT count(*) FROM read_parquet('{storage.url}/flow_run/*/*.parquet', "
             "hive_partitioning = true)"
         ).fetchall()
@@ -98,7 +98,7 @@ def test_open_archive_and_duckdb_read_the_same_rows(
 
 
 def test_show_reads_a_run_from_the_archive_alone(
-    database: Any, storage: Any, tmp_path: Path
+    database: TestDatabase, storage: TestStorage, tmp_path: Path
 ) -> None:
     trees = [factory.make_tree(database, end_time=EXPIRED - timedelta(minutes=i),
                                subflow_depth=2) for i in range(3)]  # fmt: skip
@@ -118,7 +118,7 @@ def test_show_reads_a_run_from_the_archive_alone(
     assert missing.exit_code == 1 and "is not in the archive" in missing.stderr
 
 
-def test_verify_catches_a_wrong_schema(archived: Path, storage: Any) -> None:
+def test_verify_catches_a_wrong_schema(archived: Path, storage: TestStorage) -> None:
     key = next(k for k in storage.keys(".json") if k.startswith("_manifests/"))
     manifest = json.loads(storage.read_bytes(key))
     record = next(r for r in manifest["files"] if r["table"] == "flow_run")
@@ -140,7 +140,7 @@ def test_verify_catches_a_wrong_schema(archived: Path, storage: Any) -> None:
     assert result.exit_code == 1 and "column run_count is string, not int32" in result.stderr
 
 
-def test_verify_a_sample_or_a_date_range(archived: Path, storage: Any) -> None:
+def test_verify_a_sample_or_a_date_range(archived: Path, storage: TestStorage) -> None:
     sample = CliRunner().invoke(app, ["verify", "-c", str(archived), "--sample", "1"])
     before = CliRunner().invoke(
         app, ["verify", "-c", str(archived), "--ended-before", "2000-01-01T00:00:00"]
