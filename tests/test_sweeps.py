@@ -149,7 +149,7 @@ def test_standalone_task_runs_archived_with_states_and_logs(
 
 
 def test_a_standalone_task_runs_result_artifact_leaves_with_it(
-    database: Any, local_storage: Any
+    database: TestDatabase, local_storage: TestStorage
 ) -> None:
     # A result artifact that names no run is no orphan: only its state leads to it.
     tree = factory.make_tree(database, end_time=EXPIRED)
@@ -160,7 +160,7 @@ def test_a_standalone_task_runs_result_artifact_leaves_with_it(
         " WHERE id = (SELECT state_id FROM task_run WHERE id = :t)",
         {"a": result, "t": task_id},
     )
-    before = snapshot_ids(database)
+    before = factory.snapshot_ids(database, TAKEN_TABLES)
 
     archive(database, local_storage)
 
