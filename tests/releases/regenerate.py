@@ -14,8 +14,9 @@ For each version it
    database and on a new SQLite file;
 3. writes ``tests/releases/prefect-<version>/postgresql.sql`` (``pg_dump --no-owner
    --no-privileges --inserts``: the schema, the ``alembic_version`` row and any row the
-   migrations seed) and ``sqlite.sql`` (every ``sqlite_master`` statement in creation order,
-   then the seeded rows as INSERTs), then drops the database and file.
+   migrations seed) and ``sqlite.sql`` (every ``sqlite_master`` statement, tables then
+   indexes by name, then the seeded rows as INSERTs), then drops the database and file.
+   Both are the same text on every rerun of the same release, so a diff shows real change.
 
 To cover a new release: run the script with its version, add the version to
 ``RELEASES`` in ``tests/releases/__init__.py`` (with its alembic heads, which the script
@@ -126,11 +127,13 @@ def dump_sqlite(version: str, prefect: Path, work: Path) -> str:
     upgrade(prefect, f"sqlite+aiosqlite:///{path}", work / "home-sqlite")
     connection = sqlite3.connect(path)
     try:
+        # Tables, then indexes, each by name: Alembic's batch mode rebuilds tables (and so
+        # reorders sqlite_master) differently from one run to the next.
         statements = [
-            f"{sql};"
+            f"{_sorted_constraints(sql)};"
             for (sql,) in connection.execute(
                 "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"
-                " AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
+                " AND name NOT LIKE 'sqlite_%' ORDER BY type != 'table', type, name"
             )
         ]
         tables = [
@@ -147,6 +150,22 @@ def dump_sqlite(version: str, prefect: Path, work: Path) -> str:
     text = "\n".join(statements) + "\n"
     write(version, "sqlite", text)
     return _head(text)
+
+
+def _sorted_constraints(sql: str) -> str:
+    """A CREATE TABLE with its closing block of one-line constraints in name order.
+
+    Alembic's batch mode writes a rebuilt table's constraints in set order, which changes
+    between runs; the order means nothing to SQLite. Other statements come back as given.
+    """
+    lines = sql.split("\n")
+    block = [i for i, line in enumerate(lines) if line.startswith("\tCONSTRAINT ")]
+    if not block or block != list(range(block[0], len(lines) - 1)) or lines[-1] != ")":
+        return sql
+    constraints = sorted(lines[i].rstrip().rstrip(",") for i in block)
+    ends = [", "] * (len(constraints) - 1) + [""]
+    return "\n".join(lines[: block[0]] + [c + e for c, e in zip(constraints, ends, strict=True)]
+                     + [")"])  # fmt: skip
 
 
 def _sqlite_inserts(connection: sqlite3.Connection, table: str) -> list[str]:
