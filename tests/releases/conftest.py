@@ -15,6 +15,8 @@ Function scope
     ``current_database`` -> :class:`tests.factory.TestDatabase`: a fresh Prefect 3.9.1
     database of the same dialect, copied from the root conftest's ``sqlite_template`` or
     ``postgres_template`` (built by 3.9.1's own migrations).
+    ``release_schema``, ``current_schema`` -> :class:`tests.factory.TestDatabase`: the two
+    templates themselves, opened to read their catalogs (no copy; never write to them).
 """
 
 from __future__ import annotations
@@ -153,16 +155,38 @@ def release(request: pytest.FixtureRequest) -> Release:
     return value
 
 
+def _current_template(release: Release, request: pytest.FixtureRequest) -> Path | str:
+    """The root conftest's Prefect 3.9.1 template of ``release``'s dialect."""
+    name = "sqlite_template" if release.dialect == "sqlite" else "postgres_template"
+    template: Path | str = request.getfixturevalue(name)
+    return template
+
+
+def _copy(templates: ReleaseTemplates, template: Path | str, folder: Path) -> factory.TestDatabase:
+    if isinstance(template, Path):
+        folder.mkdir(exist_ok=True)
+        return templates.sqlite_copy(template, folder)
+    return templates.postgres_copy(template)
+
+
+def _opened(template: Path | str) -> Iterator[factory.TestDatabase]:
+    database = (
+        factory.TestDatabase.sqlite(template)
+        if isinstance(template, Path)
+        else factory.TestDatabase.postgres(template)
+    )
+    try:
+        yield database
+    finally:
+        database.dispose()  # PostgreSQL copies nothing from a template while one is connected
+
+
 @pytest.fixture
 def release_database(
     release: Release, release_templates: ReleaseTemplates, tmp_path: Path
 ) -> Iterator[factory.TestDatabase]:
     """A fresh database in the schema ``release``'s migrations create."""
-    template = release_templates.template(release)
-    if isinstance(template, Path):
-        database = release_templates.sqlite_copy(template, tmp_path)
-    else:
-        database = release_templates.postgres_copy(template)
+    database = _copy(release_templates, release_templates.template(release), tmp_path)
     try:
         yield database
     finally:
@@ -177,14 +201,25 @@ def current_database(
     tmp_path: Path,
 ) -> Iterator[factory.TestDatabase]:
     """A fresh Prefect 3.9.1 database of ``release``'s dialect."""
-    if release.dialect == "sqlite":
-        folder = tmp_path / "current"
-        folder.mkdir()
-        template: Path = request.getfixturevalue("sqlite_template")
-        database = release_templates.sqlite_copy(template, folder)
-    else:
-        database = release_templates.postgres_copy(request.getfixturevalue("postgres_template"))
+    template = _current_template(release, request)
+    database = _copy(release_templates, template, tmp_path / "current")
     try:
         yield database
     finally:
         release_templates.drop(database)
+
+
+@pytest.fixture
+def release_schema(
+    release: Release, release_templates: ReleaseTemplates
+) -> Iterator[factory.TestDatabase]:
+    """``release``'s template itself, to read its catalog: never write to it."""
+    yield from _opened(release_templates.template(release))
+
+
+@pytest.fixture
+def current_schema(
+    release: Release, request: pytest.FixtureRequest
+) -> Iterator[factory.TestDatabase]:
+    """Prefect 3.9.1's template of ``release``'s dialect, to read its catalog: never write."""
+    yield from _opened(_current_template(release, request))

@@ -151,17 +151,17 @@ def declared_columns(db: factory.TestDatabase, table: str) -> dict[str, tuple[An
 
 def test_tables_have_the_columns_of_3_9_1(
     release: Release,
-    release_database: factory.TestDatabase,
-    current_database: factory.TestDatabase,
+    release_schema: factory.TestDatabase,
+    current_schema: factory.TestDatabase,
 ) -> None:
     # Names, types, nullability and defaults. If this fails for a new release, the row
     # writers (tests.factory) and the restore comparison below must learn its columns.
     revision = "SELECT version_num FROM alembic_version"
-    assert release_database.scalar(revision) == release.revision
-    assert current_database.scalar(revision) != release.revision
+    assert release_schema.scalar(revision) == release.revision
+    assert current_schema.scalar(revision) != release.revision
     for table in (*TREE_TABLES, *REFERENCE_TABLES, *SWEEP_TABLES):
-        old = declared_columns(release_database, table)
-        assert old == declared_columns(current_database, table), (release, table)
+        old = declared_columns(release_schema, table)
+        assert old == declared_columns(current_schema, table), (release, table)
 
 
 def test_archive_verify_and_restore_in_place(
