@@ -28,13 +28,14 @@ from archiver.engine.restore import RestoreOptions, RestoreReport, restore
 from archiver.source.engine import DatabaseOptions
 from archiver.source.schema import REFERENCE_TABLES, SWEEP_TABLES, TREE_TABLES
 from tests import factory
+from tests.factory import db_rows
+from tests.factory.snapshots import column_kinds
 from tests.helpers import EXPIRED, NOW, RECENT, archive, write_config
 from tests.oracle import (
     RUN_TABLES,
     archived_rows,
     assert_archive_equals,
     assert_nothing_lost,
-    db_rows,
     field_kinds,
     ledger,
     normalise,
@@ -228,7 +229,7 @@ def test_release_archive_restores_into_prefect_3_9_1(
         after = db_rows(current_database, table)
         assert set(after) == set(expected), table
         kinds = field_kinds(local_storage, table)
-        assert set(kinds) == set(factory.column_kinds(current_database, table)), table
+        assert set(kinds) == set(column_kinds(current_database, table)), table
         for row_id, original in expected.items():
             for column, value in original.items():
                 want = normalise(kinds[column], value)
