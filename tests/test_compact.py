@@ -13,8 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from archiver import open_archive
+from archiver.archive.catalog import list_batches
 from archiver.archive.storage import Storage
-from archiver.archive.verify import list_batches, verify_archive
+from archiver.archive.verify import verify_archive
 from archiver.cli.app import app
 from archiver.engine.compact import STEPS, CompactOptions, CompactReport, compact, parse_size
 from archiver.engine.recovery import recover
