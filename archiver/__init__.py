@@ -9,8 +9,11 @@ The library is the product; the ``archiver`` command is a thin layer over it::
     report = asyncio.run(run(RunOptions(database=DatabaseOptions(url), storage_url="s3://...")))
 """
 
-from archiver.archive.verify import open_archive, verify_archive
-from archiver.engine.run import BatchReport, RunOptions, RunReport, run
+from archiver.archive.catalog import open_archive
+from archiver.archive.verify import verify_archive
+from archiver.engine.options import RunOptions
+from archiver.engine.results import BatchReport, RunReport
+from archiver.engine.run import run
 from archiver.errors import ArchiverError
 from archiver.version import __version__
 

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 #: What a batch archives: expired run trees, or the rows of one sweep.
 BatchKind = Literal["runs", "orphans", "standalone_tasks", "collections", "events"]
+#: What a file's rows are to the database: ``archived`` rows were deleted from it;
+#: ``reference`` rows are snapshots (flow, deployment) written beside them and kept.
+Role = Literal["archived", "reference"]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before each retry of an operation that failed for a transient reason.
+
+    ``first`` seconds before the second try, doubling with every try, never longer
+    than ``longest``. :data:`NO_BACKOFF` retries at once (for tests that inject
+    failures: they have nothing to wait for).
+    """
+
+    first: float
+    longest: float
+
+
+NO_BACKOFF = Backoff(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often an operation that failed for a transient reason is tried, and the waits."""
+
+    attempts: int
+    backoff: Backoff
+
+    def at_once(self) -> RetryPolicy:
+        """The same number of attempts, without waiting between them."""
+        return replace(self, backoff=NO_BACKOFF)
 
 
 class Kind(StrEnum):

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from archiver import RunOptions, RunReport, run
-from archiver.engine.run import StepHook
+from archiver.archive.storage import STORAGE_RETRY
+from archiver.engine.commit import StepHook
+from archiver.models import NO_BACKOFF
 from archiver.source.engine import DatabaseOptions
 from tests.factory import TestDatabase, TestStorage
 
@@ -40,6 +42,9 @@ def run_options(
         "batch_size": 50,
         "batch_interval": 0,
         "dry_run": False,
+        # retried as often as by default, but at once: a test's faults need no back-off
+        "batch_backoff": NO_BACKOFF,
+        "storage_retry": STORAGE_RETRY.at_once(),
     }
     values.update(overrides)
     return RunOptions(**values)

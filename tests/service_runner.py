@@ -5,7 +5,8 @@
 With ``--pause-at-files`` the first batch, once its files are written (before it
 verifies or deletes anything), touches READY_FILE and pauses for a second, so the
 test can signal the process while a batch is in hand. The pause is the only
-change to the real code path: the step hook the pipeline already has.
+change to the real code path: it is the step hook that ``archiver.cli.app.main``
+takes for this purpose.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import time
 from pathlib import Path
 
 from archiver.cli import app as cli
-from archiver.engine import run as pipeline
+from archiver.engine.commit import StepHook
 
 
-def pause_at_files(ready: Path) -> pipeline.StepHook:
+def pause_at_files(ready: Path) -> StepHook:
     paused = False
 
     def hook(step: str, batch_id: str) -> None:
@@ -35,10 +36,9 @@ def main() -> None:
     args = sys.argv[1:]
     split = args.index("--")
     options, command = args[:split], args[split + 1 :]
-    if options[:1] == ["--pause-at-files"]:
-        pipeline._no_hook = pause_at_files(Path(options[1]))  # type: ignore[assignment]
+    hook = pause_at_files(Path(options[1])) if options[:1] == ["--pause-at-files"] else None
     sys.argv = ["archiver", *command]
-    cli.main()
+    cli.main(hook=hook)
 
 
 if __name__ == "__main__":

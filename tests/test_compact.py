@@ -13,15 +13,16 @@ import pytest
 from typer.testing import CliRunner
 
 from archiver import open_archive
+from archiver.archive.catalog import list_batches
 from archiver.archive.manifest import BatchManifest
 from archiver.archive.storage import Storage
-from archiver.archive.verify import list_batches, verify_archive
+from archiver.archive.verify import verify_archive
 from archiver.cli.app import app
+from archiver.engine.commit import StepHook
 from archiver.engine.compact import (
     STEPS,
     CompactOptions,
     CompactReport,
-    StepHook,
     compact,
     parse_size,
 )

@@ -154,7 +154,7 @@ def test_a_batch_read_ahead_plans_collections_on_what_the_batch_before_left(
     batch 1's lock on the collection and plan on the committed row: re-point it again to
     the one that remains. Planned on the row it saw before batch 1 committed, it would leave
     the collection pointing at a deleted artifact."""
-    from archiver.engine import run as pipeline
+    from archiver.engine import batcher as pipeline
 
     db = postgres_database
     trees = [  # kept, then batch 2, then batch 1 (roots go oldest end_time first)

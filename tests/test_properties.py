@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archiver.engine.run import STEPS
+from archiver.engine.commit import BATCH_STEPS as STEPS
 from tests import factory
 from tests.helpers import NOW, archive
 from tests.oracle import assert_archive_consistent, assert_nothing_lost

@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from archiver.archive.catalog import list_batches
 from archiver.archive.show import show_run
 from archiver.archive.storage import Storage
-from archiver.archive.verify import list_batches, verify_archive
+from archiver.archive.verify import verify_archive
 from archiver.cli.app import app
 from archiver.engine.restore import RestoreOptions, restore
 from archiver.engine.sweeps import SweepOptions, count_sweeps

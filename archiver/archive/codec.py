@@ -16,7 +16,8 @@ string     string                                as is
 
 JSON ``null`` stays the text ``"null"``; SQL NULL stays a Parquet null.
 Each field carries its kind in field metadata (``archiver.kind``) and the file
-carries its table, batch and source revision in schema metadata.
+carries its table, batch and source revision in schema metadata
+(:func:`file_metadata`; a file rewritten into a new batch: :func:`rebatched_metadata`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +37,12 @@ import pyarrow.parquet as pq
 
 from archiver.arrow_types import ARROW_TYPES
 from archiver.errors import ArchiverError, VerificationError
-from archiver.models import Column, Kind, TableRows
+from archiver.models import BatchKind, Column, Kind, Role, TableRows
+from archiver.version import __version__
+
+#: Parquet compression codecs archiver offers ("none": uncompressed).
+Compression = Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"]
+DEFAULT_COMPRESSION: Compression = "zstd"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -91,6 +97,54 @@ def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_metadata(
+    *,
+    batch_id: str,
+    source_id: str,
+    table: str,
+    role: Role,
+    kind: BatchKind,
+    partition: str,
+    source_dialect: str,
+    source_revision: str,
+) -> dict[str, str]:
+    """The ``archiver.*`` schema metadata of a new archive file: what it holds, who wrote it."""
+    return {
+        "archiver.table": table,
+        "archiver.role": role,
+        "archiver.kind": kind,
+        "archiver.batch_id": batch_id,
+        "archiver.partition": partition,
+        "archiver.source_dialect": source_dialect,
+        "archiver.source_revision": source_revision,
+        "archiver.version": __version__,
+        "archiver.source_id": source_id,
+    }
+
+
+def rebatched_metadata(
+    metadata: Mapping[bytes, bytes] | None,
+    *,
+    batch_id: str,
+    source_id: str,
+    compacted_from: Sequence[str] = (),
+) -> dict[str, str]:
+    """The metadata of a file rewritten into a new batch (a compaction, a restore's rewrite).
+
+    Its own metadata (table, role, kind, partition, source revision), with the new
+    batch's id, source and archiver version; a compaction adds the batches it merged.
+    """
+    kept = {key.decode(): value.decode() for key, value in (metadata or {}).items()}
+    kept |= {
+        "archiver.batch_id": batch_id,
+        "archiver.source_id": source_id,
+        "archiver.version": __version__,
+    }
+    if compacted_from:
+        kept["archiver.compacted_from"] = ",".join(compacted_from)
+    return kept
+
+
 def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
     """Column-wise conversion of driver rows to an Arrow table with the archive's types."""
     fields = [
@@ -113,7 +167,9 @@ def to_arrow(rows: TableRows, metadata: Mapping[str, str]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def encode(rows: TableRows, metadata: Mapping[str, str], compression: str = "zstd") -> EncodedFile:
+def encode(
+    rows: TableRows, metadata: Mapping[str, str], compression: str = DEFAULT_COMPRESSION
+) -> EncodedFile:
     """Encode rows as one Parquet file held in memory."""
     return encode_table(to_arrow(rows, metadata), compression)
 
@@ -128,7 +184,7 @@ def parquet_options(compression: str) -> dict[str, Any]:
     return {"compression": None if compression == "none" else compression, "use_dictionary": False}
 
 
-def encode_table(table: pa.Table, compression: str = "zstd") -> EncodedFile:
+def encode_table(table: pa.Table, compression: str = DEFAULT_COMPRESSION) -> EncodedFile:
     """Encode an Arrow table (already in the archive's types) as one Parquet file."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **parquet_options(compression))

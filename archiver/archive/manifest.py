@@ -15,12 +15,11 @@ The batch's fate is decided by the ledger alone; see ``docs/commit-protocol.md``
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from archiver.errors import VerificationError
-from archiver.models import BatchKind
+from archiver.models import BatchKind, Role
 
 FORMAT_VERSION = 1
 
@@ -34,7 +33,7 @@ class FileRecord(BaseModel):
     bytes: int
     sha256: str
     #: ``archived``: rows deleted from the database; ``reference``: a snapshot (flow, deployment)
-    role: Literal["archived", "reference"]
+    role: Role
 
 
 class BatchManifest(BaseModel):

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from archiver.archive.catalog import list_batches
 from archiver.archive.manifest import BatchManifest
 from archiver.archive.storage import Storage
-from archiver.archive.verify import list_batches
 from archiver.errors import ArchiverError
 
 

@@ -12,26 +12,32 @@ is written under a dot-name (which pyarrow and DuckDB ignore) and renamed.
 Reads for verification go to storage every time: the filesystem instance is
 private (``skip_instance_cache``) and listing caches are dropped before a read.
 Backend errors become :class:`StorageError` here, with a hint; transient ones
-are retried a bounded number of times first.
+are retried first, as the storage's :class:`~archiver.models.RetryPolicy` says
+(default :data:`STORAGE_RETRY`: four tries, waiting 0.2 s, 0.4 s and 0.8 s).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import posixpath
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from archiver.errors import ConfigError, StorageError
+from archiver.models import Backoff, RetryPolicy
 
 T = TypeVar("T")
+P = ParamSpec("P")
+#: Retries of a storage call that failed for a transient reason (network, throttling, 5xx).
+STORAGE_RETRY = RetryPolicy(attempts=4, backoff=Backoff(first=0.2, longest=3))
 PENDING_DIR = "_pending"
 MANIFEST_DIR = "_manifests"
 REPORT_DIR = "_reports"
@@ -61,20 +67,33 @@ def report_key(run_id: str) -> str:
     return f"{REPORT_DIR}/{run_id}.json"
 
 
-def _retrying(call: Callable[..., T]) -> Callable[..., T]:
-    return retry(
-        retry=retry_if_exception(lambda exc: isinstance(exc, TransientStorageError)),
-        stop=stop_after_attempt(4),
-        wait=wait_exponential(multiplier=0.2, max=3),
-        reraise=True,
-    )(call)
+def _retrying(
+    method: Callable[Concatenate[Storage, P], T],
+) -> Callable[Concatenate[Storage, P], T]:
+    """Retry ``method`` on TransientStorageError as its storage's policy says."""
+
+    @functools.wraps(method)
+    def call(self: Storage, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        policy = self.retry
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientStorageError),
+            stop=stop_after_attempt(policy.attempts),
+            wait=wait_exponential(multiplier=policy.backoff.first, max=policy.backoff.longest),
+            reraise=True,
+        )
+        return retrying(method, self, *args, **kwargs)
+
+    return call
 
 
 class Storage:
     """One archive root on one fsspec filesystem. Methods are blocking; call them in a thread."""
 
-    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, options: dict[str, Any] | None = None, retry: RetryPolicy = STORAGE_RETRY
+    ) -> None:
         self.url = url.rstrip("/")
+        self.retry = retry
         options = dict(options or {})
         try:
             self.fs, self.root = url_to_fs(self.url, skip_instance_cache=True, **options)

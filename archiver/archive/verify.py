@@ -6,6 +6,11 @@ manifest and every file it names, fresh from storage, and reports what differs:
 a file missing, with other bytes, another row count, or another table or batch
 in its own metadata; and Parquet files that no manifest names. Open batches
 (pending markers) are reported too; `archiver recover` resolves them.
+
+This is the ``verify`` command only. The batch catalog the other readers share
+(``list_batches``, ``open_archive``) and the read-back check of newly written files
+live in :mod:`archiver.archive.catalog`; verify reads the manifests itself, so that
+one it cannot read is reported rather than raised.
 """
 
 from __future__ import annotations
@@ -15,14 +20,11 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
-
-import pyarrow.dataset as ds
 
 from archiver.archive import codec
 from archiver.archive.manifest import BatchManifest, FileRecord, current_batches
 from archiver.archive.storage import MANIFEST_DIR, PENDING_DIR, Storage
-from archiver.errors import ArchiverError, StorageError, VerificationError
+from archiver.errors import ArchiverError, StorageError
 
 
 @dataclass
@@ -36,65 +38,6 @@ class VerifyReport:
     @property
     def sound(self) -> bool:
         return not self.problems
-
-
-def check_written(
-    storage: Storage,
-    key: str,
-    table: str,
-    role: Literal["archived", "reference"],
-    ids: list[str],
-    sha256: str,
-) -> FileRecord:
-    """Read ``key`` back fresh and prove it holds exactly what was written. Blocking.
-
-    Raises VerificationError on other bytes, another row count, or other primary keys.
-    """
-    data = storage.get(key)
-    where = storage.describe(key)
-    if codec.checksum(data) != sha256:
-        raise VerificationError(f"{where} read back with different bytes than were written")
-    facts = codec.read_facts(data)
-    if facts.rows != len(ids):
-        raise VerificationError(f"{where} holds {facts.rows} rows, expected {len(ids)}")
-    if not facts.holds_exactly(ids):
-        raise VerificationError(f"{where} does not hold exactly the primary keys selected")
-    return FileRecord(
-        table=table, key=key, rows=facts.rows, bytes=len(data), sha256=sha256, role=role
-    )
-
-
-def list_batches(storage: Storage) -> list[BatchManifest]:
-    """Every committed batch's manifest, oldest first. Blocking; raises StorageError.
-
-    Batches already replaced by a rewrite or a compaction whose clean-up is still
-    under way are left out (:func:`current_batches`), so each row appears once.
-    """
-    return current_batches([
-        BatchManifest.from_json(storage.get(key), storage.describe(key))
-        for key in storage.list(MANIFEST_DIR)
-        if key.endswith(".json")
-    ])  # fmt: skip
-
-
-def open_archive(url: str, options: dict[str, object] | None = None) -> dict[str, ds.Dataset]:
-    """Each archived table as a pyarrow dataset over all batches (Hive ``month=`` partitions).
-
-    The datasets hold exactly the files the current manifests name, so they never
-    show a row twice, even while a compaction or a rewrite is cleaning up.
-    """
-    storage = Storage(url, options)
-    files: dict[str, list[str]] = {}
-    for manifest in list_batches(storage):
-        for record in manifest.files:
-            files.setdefault(record.table, []).append(storage.path(record.key))
-    return {
-        table: ds.dataset(
-            paths, filesystem=storage.fs, format="parquet", partitioning="hive",
-            partition_base_dir=storage.path(table),
-        )
-        for table, paths in sorted(files.items())
-    }  # fmt: skip
 
 
 @dataclass(frozen=True)

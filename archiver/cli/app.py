@@ -23,19 +23,27 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from archiver.archive.catalog import list_batches
 from archiver.archive.show import RunView, show_run
 from archiver.archive.storage import Storage
-from archiver.archive.verify import VerifyScope, list_batches, verify_archive
+from archiver.archive.verify import VerifyScope, verify_archive
 from archiver.cli.console import JsonLines, Reporter, TerminalProgress, rule_table
 from archiver.cli.doctor import DoctorOptions, Status, doctor
 from archiver.cli.plan import Plan, plan
 from archiver.cli.schedule import Schedule, parse_duration
 from archiver.cli.service import Service, database_options, run_options
 from archiver.cli.settings import Settings, load_settings
-from archiver.engine.compact import CompactOptions, CompactReport, compact, parse_size
+from archiver.engine.commit import StepHook
+from archiver.engine.compact import (
+    DEFAULT_TARGET_SIZE,
+    CompactOptions,
+    CompactReport,
+    compact,
+    parse_size,
+)
 from archiver.engine.recovery import recover
 from archiver.engine.restore import RestoreOptions, restore
-from archiver.engine.run import RunReport
+from archiver.engine.results import RunReport
 from archiver.errors import ArchiverError, ConfigError
 from archiver.source.engine import create_engine
 
@@ -55,6 +63,7 @@ ConfigOption = Annotated[
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     config: ConfigOption = None,
     yes: Annotated[
         bool, typer.Option("--yes", help="Archive and delete even if `enabled` is false.")
@@ -109,7 +118,7 @@ def run_command(
             metrics_port=metrics_port,
             on_signal=_stopping,
         )
-        service.serve()
+        service.serve(hook=ctx.obj)  # main(hook=...): tests pause or fail a batch at a step
     except ArchiverError as exc:
         _fail(exc)
 
@@ -389,7 +398,7 @@ def compact_command(
     config: ConfigOption = None,
     target_size: Annotated[
         str, typer.Option("--target-size", help="Largest file of a merged batch (MB = 2^20 B).")
-    ] = "128MB",
+    ] = f"{DEFAULT_TARGET_SIZE // 2**20}MB",
     dry_run: Annotated[bool, typer.Option(help="Show what would be merged.")] = False,
 ) -> None:
     """Merge small batches of each month into large files; verify, then drop the old ones."""
@@ -454,5 +463,11 @@ def _fail(exc: ArchiverError) -> None:
     raise typer.Exit(1)
 
 
-def main() -> None:
-    app()
+def main(hook: StepHook | None = None) -> None:
+    """The ``archiver`` command line, as the installed script runs it.
+
+    ``hook(step, batch_id)`` is called after each step of every batch ``archiver
+    run`` writes (:data:`archiver.engine.commit.STEPS`), so a test can pause or
+    fail a real process at a known point; it does nothing for other commands.
+    """
+    app(obj=hook)

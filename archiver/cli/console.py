@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from archiver.engine.report import batch_event, run_report_document
-from archiver.engine.run import BatchReport, RunReport
+from archiver.engine.results import BatchReport, RunReport
 from archiver.errors import ArchiverError
 from archiver.source.maintenance import MaintenanceReport
 from archiver.source.retention import RuleCount

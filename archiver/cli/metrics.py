@@ -21,7 +21,7 @@ from prometheus_client.exposition import start_http_server
 from archiver.errors import ArchiverError, ConfigError
 
 if TYPE_CHECKING:
-    from archiver.engine.run import BatchReport, RunReport
+    from archiver.engine.results import BatchReport, RunReport
 
 _BATCH_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

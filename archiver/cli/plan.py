@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from archiver.archive import codec
-from archiver.engine.run import RunOptions, short_retention_warnings
+from archiver.engine.options import RunOptions, short_retention_warnings
 from archiver.engine.sweeps import count_sweeps
 from archiver.models import Root
 from archiver.source.engine import create_engine, read_only_connection, translate_error

@@ -24,7 +24,10 @@ from datetime import UTC, datetime, timedelta
 from cronsim import CronSim, CronSimError
 from pydantic import TypeAdapter, ValidationError
 
-from archiver.engine.run import BatchListener, RunOptions, RunReport, StepHook, run
+from archiver.engine.commit import StepHook
+from archiver.engine.options import RunOptions
+from archiver.engine.results import BatchListener, RunReport
+from archiver.engine.run import run
 from archiver.errors import (
     ArchiverError,
     BatchError,

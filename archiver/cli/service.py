@@ -19,7 +19,10 @@ from archiver.cli.console import Reporter
 from archiver.cli.metrics import Metrics
 from archiver.cli.schedule import LoopListeners, Schedule, run_on_schedule
 from archiver.cli.settings import Settings
-from archiver.engine.run import BatchReport, RunOptions, RunReport, StepHook, run
+from archiver.engine.commit import StepHook
+from archiver.engine.options import RunOptions
+from archiver.engine.results import BatchReport, RunReport
+from archiver.engine.run import run
 from archiver.errors import ArchiverError
 from archiver.source.engine import DatabaseOptions
 

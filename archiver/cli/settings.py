@@ -3,7 +3,9 @@
 Precedence, highest first: explicit overrides (CLI flags), environment
 variables, the TOML file, defaults. Defaults point at Prefect's embedded
 database, ``$PREFECT_HOME/prefect.db``, and a local folder beside it.
-Only the CLI reads this module; the library takes plain options.
+Only the CLI reads this module; the library takes plain options, and the
+defaults here are the engine's own (:mod:`archiver.engine.options`), so each is
+written down once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -22,14 +24,21 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from archiver.archive.codec import DEFAULT_COMPRESSION, Compression
+from archiver.engine.options import (
+    DEFAULT_BATCH_INTERVAL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_READ_AHEAD,
+    DEFAULT_RETENTION,
+    DEFAULT_SWEEP_BATCH_SIZE,
+)
+from archiver.engine.sweeps import DEFAULT_EVENTS_RETENTION, DEFAULT_SWEEPS, SweepName
 from archiver.errors import ConfigError
 from archiver.policy import DEFAULT_LEGAL_HOLD_TAG, MIN_RETENTION, Rule, validate_rules
 
-SweepSetting = Literal["orphans", "collections", "events"]
 
-
-def _default_sweeps() -> list[SweepSetting]:
-    return ["orphans", "collections"]  # events are opt-in
+def _default_sweeps() -> list[SweepName]:
+    return list(DEFAULT_SWEEPS)  # events are opt-in
 
 
 def prefect_home() -> Path:
@@ -63,27 +72,33 @@ class Settings(BaseSettings):
         description="Passed to fsspec: endpoint_url, key, secret, profile, s3_additional_kwargs.",
     )
     retention_period: timedelta = Field(
-        default=timedelta(days=90),
+        default=DEFAULT_RETENTION,
         description="Archive runs that ended longer ago than this (seconds or ISO 8601: P90D).",
     )
     batch_size: int = Field(
-        default=200, ge=1, le=1000, description="Top-level runs per batch (one transaction each)."
+        default=DEFAULT_BATCH_SIZE,
+        ge=1,
+        le=1000,
+        description="Top-level runs per batch (one transaction each).",
     )
     batch_interval: float = Field(
-        default=0.5, ge=0, le=3600, description="Seconds to sleep between batches."
+        default=DEFAULT_BATCH_INTERVAL,
+        ge=0,
+        le=3600,
+        description="Seconds to sleep between batches.",
     )
     max_batches: int | None = Field(
         default=None, ge=1, description="Stop after this many batches (default: until done)."
     )
     read_ahead: int = Field(
-        default=1,
+        default=DEFAULT_READ_AHEAD,
         ge=0,
         le=4,
         description="PostgreSQL: batches locked, read and encoded ahead, each on its own "
         "connection, while one is written and deleted (0: one batch at a time).",
     )
-    compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = Field(
-        default="zstd", description="Parquet compression codec."
+    compression: Compression = Field(
+        default=DEFAULT_COMPRESSION, description="Parquet compression codec."
     )
     enabled: bool = Field(
         default=False,
@@ -119,18 +134,21 @@ class Settings(BaseSettings):
     def _rules_can_match(cls, value: list[Rule]) -> list[Rule]:
         return list(validate_rules(value))
 
-    sweeps: list[SweepSetting] = Field(
+    sweeps: list[SweepName] = Field(
         default_factory=_default_sweeps,
         description="Sweeps run after the run batches: orphans (logs, artifacts and standalone "
         "task runs of no existing run), collections (artifact collections whose latest "
         "artifact is gone), events (opt-in: events older than events_retention_period).",
     )
     events_retention_period: timedelta = Field(
-        default=timedelta(days=7),
+        default=DEFAULT_EVENTS_RETENTION,
         description="The events sweep archives events that occurred longer ago than this.",
     )
     sweep_batch_size: int = Field(
-        default=5000, ge=100, le=50_000, description="Rows of the swept table per sweep batch."
+        default=DEFAULT_SWEEP_BATCH_SIZE,
+        ge=100,
+        le=50_000,
+        description="Rows of the swept table per sweep batch.",
     )
 
     @field_validator("retention_period", "events_retention_period")

@@ -39,33 +39,34 @@ fail cleanly (:class:`ConcurrentChange`), with the old batches untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from archiver.archive import codec
-from archiver.archive.manifest import BatchManifest, FileRecord, PendingMarker
-from archiver.archive.storage import PENDING_DIR, Storage, data_key, manifest_key, pending_key
-from archiver.archive.verify import check_written, list_batches
-from archiver.engine.recovery import ensure_source, recover
-from archiver.errors import (
-    ArchiverError,
-    ConcurrentChange,
-    ConfigError,
-    DatabaseError,
-    VerificationError,
+from archiver.archive.catalog import list_batches
+from archiver.archive.manifest import BatchManifest, FileRecord
+from archiver.archive.storage import STORAGE_RETRY, Storage, data_key
+from archiver.engine.commit import (
+    REWRITE_STEPS,
+    DatabaseSide,
+    NewBatch,
+    StepHook,
+    commit_batches,
+    new_batch_id,
+    no_hook,
+    still_there,
 )
-from archiver.source import ledger
+from archiver.engine.merge import merge_files
+from archiver.engine.recovery import ensure_source, recover
+from archiver.errors import ArchiverError, ConfigError
+from archiver.models import RetryPolicy, Role
 from archiver.source.engine import (
     DatabaseOptions,
     create_engine,
@@ -74,14 +75,11 @@ from archiver.source.engine import (
 )
 from archiver.version import __version__
 
-#: Called as ``hook(step, batch_id)`` after each step; tests use it to inject faults.
-StepHook = Callable[[str, str], None]
-STEPS = ("marker", "file", "verified", "committed", "manifest", "removed", "done")
+#: The steps of the commit protocol a compaction passes, in order (for tests).
+STEPS = REWRITE_STEPS
 DEFAULT_TARGET_SIZE = 128 * 2**20
 #: a batch whose largest file is at least this share of the target is left as it is
 FULL_ENOUGH = 0.75
-#: rows are buffered up to about this many Arrow bytes per row group
-_ROW_GROUP_BYTES = 64 * 2**20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
 
@@ -94,8 +92,9 @@ class CompactOptions:
     storage_url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     target_size: int = DEFAULT_TARGET_SIZE
-    compression: str = "zstd"
+    compression: str = codec.DEFAULT_COMPRESSION
     dry_run: bool = False
+    storage_retry: RetryPolicy = STORAGE_RETRY
 
 
 @dataclass
@@ -119,9 +118,9 @@ class Group:
     def rows(self) -> int:
         return sum(r.rows for b in self.batches for r in b.files if r.role == "archived")
 
-    def tables(self) -> dict[tuple[str, Literal["archived", "reference"]], list[FileRecord]]:
+    def tables(self) -> dict[tuple[str, Role], list[FileRecord]]:
         """(table, role) -> the old files, oldest batch first."""
-        by_table: dict[tuple[str, Literal["archived", "reference"]], list[FileRecord]] = {}
+        by_table: dict[tuple[str, Role], list[FileRecord]] = {}
         for batch in self.batches:
             for record in batch.files:
                 by_table.setdefault((record.table, record.role), []).append(record)
@@ -202,7 +201,7 @@ async def compact(options: CompactOptions, hook: StepHook | None = None) -> Comp
     started = time.monotonic()
     if options.target_size < 1:
         raise ConfigError("target_size must be positive", hint="pass --target-size 128MB")
-    storage = Storage(options.storage_url, options.storage_options)
+    storage = Storage(options.storage_url, options.storage_options, options.storage_retry)
     await asyncio.to_thread(storage.check_reachable)
     engine = create_engine(options.database)
     report = CompactReport(options.dry_run, options.target_size)
@@ -215,7 +214,7 @@ async def compact(options: CompactOptions, hook: StepHook | None = None) -> Comp
         report.groups = plan(manifests, source_id, options.target_size)
         if options.dry_run:
             return report
-        compactor = _Compactor(engine, storage, options, hook or _no_hook, source_id)
+        compactor = _Compactor(engine, storage, options, hook or no_hook, source_id)
         for group in report.groups:
             await compactor.run(group)
     except ArchiverError as exc:
@@ -226,14 +225,6 @@ async def compact(options: CompactOptions, hook: StepHook | None = None) -> Comp
         await engine.dispose()
         report.seconds = time.monotonic() - started
     return report
-
-
-def _no_hook(step: str, batch_id: str) -> None:
-    return None
-
-
-class _UncertainCommit(DatabaseError):
-    """The COMMIT failed in a way that leaves open whether it happened."""
 
 
 class _Compactor:
@@ -252,116 +243,81 @@ class _Compactor:
         self.source_id = source_id
 
     async def run(self, group: Group) -> None:
-        """Write, verify and swap in one group's batch; then remove the old batches."""
-        group.batch_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
-        marker = _marker(group, self.source_id)
-        try:
-            try:
-                async with self.engine.connect() as conn:
-                    manifest = await self._write_and_swap(conn, group, marker)
-            except (SQLAlchemyError, OSError) as exc:
-                raise translate_error(exc, self.options.database.url) from None
-        except _UncertainCommit:
-            raise  # recovery decides from the ledger
-        except ArchiverError as exc:
-            exc.message = _undone(group, exc)
-            raise
-        self.hook("committed", group.batch_id)
-        try:
-            await asyncio.to_thread(self._finish, manifest, marker)
-        except ArchiverError as exc:
-            raise type(exc)(
-                f"compacted batch {group.batch_id} is committed, but removing the batches it "
-                f"replaces failed ({exc.message.rstrip('.')}); they stay until recovery",
-                hint="run `archiver compact` or `archiver recover` again",
-            ) from None
-        group.bytes_after = sum(record.bytes for record in manifest.files)
-        self.hook("done", group.batch_id)
+        """Write, verify and swap in one group's batch; then remove the old batches.
 
-    async def _write_and_swap(
-        self, conn: AsyncConnection, group: Group, marker: PendingMarker
-    ) -> BatchManifest:
-        postgres = conn.dialect.name == "postgresql"
-        transaction = await conn.begin() if postgres else None
-        try:
-            if transaction is not None:  # recovery leaves a locked batch alone
-                await ledger.hold_batch_lock(conn, group.batch_id)
-            records = await asyncio.to_thread(self._write, group, marker)
-            manifest = _manifest(group, self.source_id, records)
-            if transaction is None:  # SQLite: the write lock only from here to COMMIT
-                await write_transaction_options(conn)
-                transaction = await conn.begin()
-            await asyncio.to_thread(_check_still_there, self.storage, marker)
-            for batch in group.batches:
-                if not await ledger.forget_batch(conn, batch.batch_id):
-                    raise ConcurrentChange(
-                        f"batch {batch.batch_id} changed while it was being compacted",
-                        hint="run `archiver compact` again",
-                    )
-            await ledger.record_commit(conn, group.batch_id, manifest.to_json())
-        except BaseException:
-            await asyncio.to_thread(_abandon, self.storage, marker)
-            if transaction is not None:
-                with contextlib.suppress(SQLAlchemyError, OSError):
-                    await transaction.rollback()
-            raise
-        try:
-            await transaction.commit()
-        except (SQLAlchemyError, OSError) as exc:
-            raise _UncertainCommit(
-                f"COMMIT of compacted batch {group.batch_id} failed and may or may not have "
-                f"happened ({translate_error(exc, self.options.database.url).message}); "
-                "both the old and the new files stay until recovery asks the ledger",
-                hint="run `archiver recover` or `archiver compact` again",
-            ) from None
-        return manifest
-
-    def _write(self, group: Group, marker: PendingMarker) -> list[FileRecord]:
-        """Marker, then each merged file, then each read back. Blocking."""
-        self.storage.put(pending_key(group.batch_id), marker.to_json().encode())
-        self.hook("marker", group.batch_id)
-        written = []
-        for (table, role), inputs in group.tables().items():
-            key = data_key(table, group.partition, group.batch_id)
-            encoded, ids = _merge(self.storage, inputs, group, role, self.options.compression)
-            self.storage.put(key, encoded.data)
-            self.hook("file", group.batch_id)
-            written.append((key, table, role, ids, encoded.sha256))
-        records = [check_written(self.storage, *file) for file in written]
-        self.hook("verified", group.batch_id)
-        return records
-
-    def _finish(self, manifest: BatchManifest, marker: PendingMarker) -> None:
-        """After COMMIT: the new manifest, then the old manifests and files, then the marker.
-
-        If this fails half-way the marker stays and recovery finishes the same steps.
+        A failure before COMMIT undoes the group (its new files removed, the old
+        batches untouched) and says so; after it, recovery finishes the clean-up.
         """
-        self.storage.put(manifest_key(manifest.batch_id), manifest.to_json().encode())
-        self.hook("manifest", manifest.batch_id)
-        for key in marker.replaces:
-            self.storage.delete(key)
-            self.hook("removed", manifest.batch_id)
-        self.storage.delete(pending_key(manifest.batch_id))
+        batch = self._new_batch(group)
+        try:
+            async with self.engine.connect() as conn:
+                side = _CompactionSide(conn, self.options.database.url, group)
+                (manifest,) = await commit_batches(self.storage, side, [batch], self.hook)
+        except (SQLAlchemyError, OSError) as exc:  # connecting, before anything was written
+            raise _undone(group, translate_error(exc, self.options.database.url)) from None
+        group.bytes_after = sum(record.bytes for record in manifest.files)
+
+    def _new_batch(self, group: Group) -> NewBatch:
+        group.batch_id = new_batch_id()
+        tables = group.tables()
+        compression = self.options.compression
+        return NewBatch(
+            batch_id=group.batch_id,
+            source_id=self.source_id,
+            keys=[data_key(table, group.partition, group.batch_id) for table, _ in tables],
+            files=lambda: (
+                merge_files(
+                    self.storage,
+                    inputs,
+                    key=data_key(table, group.partition, group.batch_id),
+                    role=role,
+                    batch_id=group.batch_id,
+                    source_id=self.source_id,
+                    merged=[batch.batch_id for batch in group.batches],
+                    compression=compression,
+                )
+                for (table, role), inputs in tables.items()
+            ),
+            manifest=lambda records: _manifest(group, self.source_id, records),
+            replaces=group.batches,
+        )
 
 
-def _undone(group: Group, exc: ArchiverError) -> str:
-    return (
+class _CompactionSide(DatabaseSide):
+    """On PostgreSQL the advisory lock from before the marker on; on SQLite the write
+    lock only for the swap (held while copying files it would stall Prefect), after
+    checking under it that a recovery did not remove the marker or files meanwhile."""
+
+    replacing = "compacted"
+    again = "run `archiver compact` again"
+
+    def __init__(self, conn: AsyncConnection, url: str, group: Group) -> None:
+        super().__init__(conn, None, url)
+        self.group = group
+
+    async def hold(self, batch: NewBatch) -> None:
+        if self.conn.dialect.name == "postgresql":  # recovery leaves a locked batch alone
+            self.transaction = await self.conn.begin()
+            await super().hold(batch)
+
+    async def before_ledger(self, storage: Storage, batch: NewBatch) -> None:
+        if self.transaction is None:  # SQLite: the write lock only from here to COMMIT
+            await write_transaction_options(self.conn)
+            self.transaction = await self.conn.begin()
+        await asyncio.to_thread(still_there, storage, batch, "compacting")
+
+    def failed(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, SQLAlchemyError | OSError):
+            exc = translate_error(exc, self.url)
+        return _undone(self.group, exc) if isinstance(exc, ArchiverError) else exc
+
+
+def _undone(group: Group, exc: ArchiverError) -> ArchiverError:
+    exc.message = (
         f"compacting {len(group.batches)} batches of {group.partition} failed: "
         f"{exc.message.rstrip('.')}; it was undone and nothing was deleted"
     )
-
-
-def _marker(group: Group, source_id: str) -> PendingMarker:
-    old_manifests = [manifest_key(batch.batch_id) for batch in group.batches]
-    old_files = [record.key for batch in group.batches for record in batch.files]
-    return PendingMarker(
-        batch_id=group.batch_id,
-        source_id=source_id,
-        created_at=datetime.now(UTC),
-        keys=[data_key(table, group.partition, group.batch_id) for table, _ in group.tables()],
-        # manifests first: readers of older archiver versions stop seeing them sooner
-        replaces=old_manifests + old_files,
-    )
+    return exc
 
 
 def _manifest(group: Group, source_id: str, records: list[FileRecord]) -> BatchManifest:
@@ -386,117 +342,3 @@ def _manifest(group: Group, source_id: str, records: list[FileRecord]) -> BatchM
         root_rules={root: rule for batch in batches for root, rule in batch.root_rules.items()},
         kind=first.kind,
     )
-
-
-def _merge(
-    storage: Storage,
-    inputs: list[FileRecord],
-    group: Group,
-    role: Literal["archived", "reference"],
-    compression: str,
-) -> tuple[codec.EncodedFile, list[str]]:
-    """One Parquet file from ``inputs``, streamed in row groups; and the ids it must hold.
-
-    Archived rows are kept as they are, and each id must be in one input only.
-    Reference snapshots (flows, deployments) repeat across batches; the latest
-    snapshot of each id is kept.
-    """
-    tables: Iterator[pa.Table] = (_read_checked(storage, record) for record in inputs)
-    if role == "reference":
-        tables = iter([_latest_by_id(list(tables))])
-    sink = pa.BufferOutputStream()
-    writer: pq.ParquetWriter | None = None
-    schema: pa.Schema | None = None
-    ids: list[str] = []
-    buffered: list[pa.Table] = []
-    for table in tables:
-        if schema is None:
-            schema = table.schema.with_metadata(_metadata(table.schema, group))
-            writer = pq.ParquetWriter(sink, schema, **codec.parquet_options(compression))
-        buffered.append(_conform(table, schema, inputs[0].table))
-        ids.extend(str(i) for i in table.column("id").to_pylist())
-        if sum(t.nbytes for t in buffered) >= _ROW_GROUP_BYTES:
-            _flush(writer, buffered)
-    assert writer is not None, "a group has at least one file per table"
-    _flush(writer, buffered)
-    writer.close()
-    if role == "archived" and len(set(ids)) != len(ids):
-        raise VerificationError(
-            f"{inputs[0].table} rows of partition {group.partition} appear in more than one batch",
-            hint="run `archiver verify` and inspect the batches by hand",
-        )
-    data = sink.getvalue().to_pybytes()
-    return codec.EncodedFile(data=data, rows=len(ids), sha256=codec.checksum(data)), ids
-
-
-def _flush(writer: pq.ParquetWriter | None, buffered: list[pa.Table]) -> None:
-    if writer is not None and buffered:
-        table = pa.concat_tables(buffered)
-        writer.write_table(table, row_group_size=max(table.num_rows, 1))
-        buffered.clear()
-
-
-def _read_checked(storage: Storage, record: FileRecord) -> pa.Table:
-    data = storage.get(record.key)
-    where = storage.describe(record.key)
-    hint = "run `archiver verify`; restore the file from a backup or leave this partition as is"
-    if codec.checksum(data) != record.sha256:
-        raise VerificationError(f"{where} has other bytes than its manifest records", hint=hint)
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except pa.ArrowException as exc:
-        raise VerificationError(f"{where} is not readable ({exc})", hint=hint) from None
-    if table.num_rows != record.rows:
-        raise VerificationError(f"{where} holds {table.num_rows} rows, its manifest says "
-                                f"{record.rows}", hint=hint)  # fmt: skip
-    return table
-
-
-def _conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
-    """The first input's schema (with field kinds); other columns stop the group."""
-    if not table.schema.equals(schema, check_metadata=False):
-        raise ArchiverError(
-            f"the {name} files of one partition have different columns",
-            hint="report this to the archiver maintainers; the archive is intact",
-        )
-    return table.cast(schema)
-
-
-def _metadata(schema: pa.Schema, group: Group) -> dict[str, str]:
-    metadata = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    merged = ",".join(batch.batch_id for batch in group.batches)
-    return metadata | {
-        "archiver.batch_id": group.batch_id,
-        "archiver.version": __version__,
-        "archiver.compacted_from": merged,
-    }
-
-
-def _latest_by_id(tables: list[pa.Table]) -> pa.Table:
-    table = pa.concat_tables(tables)
-    last: dict[str, int] = {}
-    for index, row_id in enumerate(table.column("id").to_pylist()):
-        last[row_id] = index
-    return table.take(pa.array(sorted(last.values())))
-
-
-def _check_still_there(storage: Storage, marker: PendingMarker) -> None:
-    """Under the write lock: a recovery that ran meanwhile took the marker or files away."""
-    folders = {key.rsplit("/", 1)[0] for key in marker.keys}
-    present = {key for folder in folders for key in storage.list(folder)}
-    present |= set(storage.list(PENDING_DIR))
-    missing = [key for key in [*marker.keys, pending_key(marker.batch_id)] if key not in present]
-    if missing:
-        raise ConcurrentChange(
-            f"{storage.describe(missing[0])} was removed while compacting (a recovery by "
-            "another archiver); the old batches are untouched",
-            hint="run `archiver compact` again",
-        )
-
-
-def _abandon(storage: Storage, marker: PendingMarker) -> None:
-    """Before COMMIT: remove the new files and the marker; if this fails, recovery will."""
-    with contextlib.suppress(ArchiverError):
-        for key in marker.keys:
-            storage.delete(key)
-        storage.delete(pending_key(marker.batch_id))

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from archiver.archive.storage import Storage, report_key
+from archiver.engine.results import BatchReport, RunReport
 from archiver.version import __version__
-
-if TYPE_CHECKING:
-    from archiver.engine.run import BatchReport, RunReport
 
 
 def run_report_document(report: RunReport) -> dict[str, Any]:

@@ -24,8 +24,7 @@ ids, so the archive never holds two copies under one name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -36,17 +35,13 @@ import pyarrow.parquet as pq
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from archiver.archive.catalog import list_batches
 from archiver.archive.manifest import BatchManifest
-from archiver.archive.storage import Storage
-from archiver.archive.verify import list_batches
-from archiver.engine.rewrite import (
-    Rewrite,
-    abandon_rewrite,
-    finish_rewrite,
-    plan_rewrite,
-    write_rewrite,
-)
-from archiver.errors import ArchiverError, ConcurrentChange, ConfigError
+from archiver.archive.storage import STORAGE_RETRY, Storage
+from archiver.engine.commit import DatabaseSide, StepHook, commit_batches, no_hook
+from archiver.engine.rewrite import Rewrite, plan_rewrite
+from archiver.errors import ArchiverError, ConfigError
+from archiver.models import RetryPolicy
 from archiver.source import ledger
 from archiver.source.collections import reconcile_keys
 from archiver.source.engine import (
@@ -70,6 +65,7 @@ class RestoreOptions:
     ended_before: datetime | None = None
     on_conflict: Literal["skip", "error"] = "skip"
     dry_run: bool = False
+    storage_retry: RetryPolicy = STORAGE_RETRY
 
 
 @dataclass
@@ -84,18 +80,18 @@ class RestoreReport:
     rewritten: list[str] = field(default_factory=list)
 
 
-async def restore(
-    options: RestoreOptions, hook: Callable[[str, str], None] | None = None
-) -> RestoreReport:
+async def restore(options: RestoreOptions, hook: StepHook | None = None) -> RestoreReport:
     """Restore the selected runs; raises ArchiverError, and then nothing was written.
 
     Into the database the rows came from, a restore *moves* them: the batches
     they were in are rewritten without them, in the same commit, so a run is
     never both in the database and in the archive and can be archived again.
     Into another database it copies, and the archive stays as it is.
+    ``hook(step, batch_id)`` is called after each step of each rewrite
+    (:data:`archiver.engine.commit.REWRITE_STEPS`); tests use it to inject faults.
     """
     _check_selection(options)
-    storage = Storage(options.storage_url, options.storage_options)
+    storage = Storage(options.storage_url, options.storage_options, options.storage_retry)
     options = await asyncio.to_thread(_through_compactions, storage, options)
     manifests = await asyncio.to_thread(_select_batches, storage, options)
     batches = await asyncio.to_thread(_read_batches, storage, manifests)
@@ -113,70 +109,39 @@ async def restore(
             if options.dry_run:
                 await transaction.rollback()
                 return report
-            rewrites = await _move_out(conn, storage, manifests, batches, tables)
-            try:
-                _call(hook, "rewritten")
-            except BaseException:
-                await _abandon(storage, rewrites)
-                raise
-            await transaction.commit()  # if this fails uncertainly, recovery decides
-            _call(hook, "committed")
+            rewrites = await _plan_rewrites(conn, manifests, batches, tables)
+            side = _RestoreSide(conn, transaction, options.database.url)
+            new_batches = [rewrite.new_batch() for rewrite in rewrites]
+            await commit_batches(storage, side, new_batches, hook or no_hook)
     except SQLAlchemyError as exc:
         raise translate_error(exc, options.database.url) from None
     finally:
         await engine.dispose()
-    for rewrite in rewrites:
-        await asyncio.to_thread(finish_rewrite, storage, rewrite)
     report.rewritten = [rewrite.old.batch_id for rewrite in rewrites]
     return report
 
 
-async def _move_out(
+async def _plan_rewrites(
     conn: AsyncConnection,
-    storage: Storage,
     manifests: Sequence[BatchManifest],
     batches: dict[str, dict[str, pa.Table]],
     restored: dict[str, pa.Table],
 ) -> list[Rewrite]:
-    """Write the rewrites of this database's batches and swap them in the ledger.
-
-    Runs inside the restore's transaction; on any failure the new files are
-    removed and the exception propagates, so the caller rolls back.
-    """
+    """This database's batches without the restored rows (another database's: a copy)."""
     source_id = await ledger.ensure_ledger(conn)
     removed = {name: {str(i) for i in t.column("id").to_pylist()} for name, t in restored.items()}
-    rewrites: list[Rewrite] = []
-    try:
-        for manifest in manifests:
-            if manifest.source_id != source_id:
-                continue  # another database's archive: a restore here is a copy
-            rewrite = plan_rewrite(manifest, batches[manifest.batch_id], removed, source_id)
-            await ledger.hold_batch_lock(conn, rewrite.batch_id)
-            rewrites.append(rewrite)
-            await asyncio.to_thread(write_rewrite, storage, rewrite)
-            if not await ledger.forget_batch(conn, manifest.batch_id):
-                raise ConcurrentChange(
-                    f"batch {manifest.batch_id} changed while it was being restored from",
-                    hint="run the restore again",
-                )
-            await ledger.record_commit(conn, rewrite.batch_id, rewrite.manifest().to_json())
-    except BaseException:
-        await _abandon(storage, rewrites)
-        raise
-    return rewrites
+    return [
+        plan_rewrite(manifest, batches[manifest.batch_id], removed, source_id)
+        for manifest in manifests
+        if manifest.source_id == source_id
+    ]
 
 
-async def _abandon(storage: Storage, rewrites: list[Rewrite]) -> None:
-    """Before COMMIT: remove the new files; a failure here leaves markers for recovery."""
-    for rewrite in rewrites:
-        with contextlib.suppress(ArchiverError):
-            await asyncio.to_thread(abandon_rewrite, storage, rewrite)
+class _RestoreSide(DatabaseSide):
+    """The restore's transaction: open from the start, it holds the restored rows."""
 
-
-def _call(hook: Callable[[str, str], None] | None, step: str) -> None:
-    """Tests inject faults here, as with archiver.engine.run's step hook."""
-    if hook is not None:
-        hook(step, "restore")
+    replacing = "restored from"
+    again = "run the restore again"
 
 
 def _check_selection(options: RestoreOptions) -> None:

@@ -27,7 +27,8 @@ from prefect import flow, get_run_logger
 from archiver.cli.service import run_options
 from archiver.cli.settings import load_settings
 from archiver.engine.report import run_report_document
-from archiver.engine.run import BatchReport, RunReport, run
+from archiver.engine.results import BatchReport, RunReport
+from archiver.engine.run import run
 
 
 @flow(name="archive-prefect-runs", retries=0)
