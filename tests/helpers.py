@@ -134,19 +134,3 @@ def fail_at(step: str) -> StepHook:
             raise RuntimeError(f"injected fault at {step}")
 
     return fail
-
-
-def killed_at(kill_at: str, imports: str, call: str, cwd: Path) -> None:
-    """Run ``call`` (Python, with a ``hook`` in scope) in a child that SIGKILLs itself at
-    step ``kill_at``; assert that it was killed there.
-
-    Kept only for tests/test_crash.py until it uses :func:`tests.kill.killed_at` (then delete
-    this); the kill itself is :func:`tests.kill.kill_hook`.
-    """
-    from tests import kill  # here, not above: tests.kill imports this module
-
-    script = (
-        f"import asyncio\nfrom tests.kill import kill_hook\n{imports}\n"
-        f"hook = kill_hook({kill_at!r})\n{call}\n"
-    )
-    kill.sigkilled([sys.executable, "-c", script], cwd)

@@ -51,6 +51,7 @@ class Job:
     storage_options: dict[str, Any]
     batch_size: int = 50  # run: top-level runs per batch
     run_ids: tuple[str, ...] = ()  # restore: the top-level runs to restore
+    sweep_batch_size: int | None = None  # run: rows per sweep batch (None: the default)
 
     @classmethod
     def of(
@@ -61,8 +62,17 @@ class Job:
         *,
         batch_size: int = 50,
         run_ids: Sequence[str] = (),
+        sweep_batch_size: int | None = None,
     ) -> Job:
-        return cls(operation, db.url, storage.url, storage.options, batch_size, tuple(run_ids))
+        return cls(
+            operation,
+            db.url,
+            storage.url,
+            storage.options,
+            batch_size,
+            tuple(run_ids),
+            sweep_batch_size,
+        )
 
 
 def killed_at(job: Job, step: str, *, occurrence: int = 1) -> None:
@@ -116,8 +126,9 @@ def _child_command(job: Job, **order: Any) -> list[str]:
 
 
 async def _run(job: Job, hook: Hook | None) -> RunReport:
+    sweeps = {} if job.sweep_batch_size is None else {"sweep_batch_size": job.sweep_batch_size}
     options = run_options(
-        job.database_url, job.storage_url, job.storage_options, batch_size=job.batch_size
+        job.database_url, job.storage_url, job.storage_options, batch_size=job.batch_size, **sweeps
     )
     return await run(options, hook)
 

@@ -12,11 +12,7 @@ neither; then the writer runs again, recovery first, and the archive matches its
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,8 +28,8 @@ from archiver.engine.compact import CompactOptions, compact
 from archiver.engine.recovery import recover
 from archiver.engine.restore import RestoreOptions, restore
 from archiver.source.engine import DatabaseOptions, create_engine
-from tests import factory
-from tests.helpers import EXPIRED, RETENTION, archive, fail_at
+from tests import factory, kill
+from tests.helpers import EXPIRED, archive, fail_at
 from tests.oracle import RUN_TABLES, assert_archive_consistent, assert_nothing_lost
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,26 +44,17 @@ def make_backlog(db: Any) -> dict[str, set[str]]:
 
 
 def crash_in_child(db: Any, storage: Any, step: str, occurrence: int, **spec: Any) -> None:
-    """Run a writer (``writer`` in ``spec``; default: ``archiver run``) in a child that
-    SIGKILLs itself at the ``occurrence``-th ``step``; assert that it was killed there."""
-    spec = {
-        "database_url": db.url,
-        "storage_url": storage.url,
-        "storage_options": storage.options,
-        "retention_seconds": RETENTION.total_seconds(),
-        "batch_size": 2,
-        "kill_at": step,
-        "occurrence": occurrence,
-        **spec,
-    }
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.crash_runner", json.dumps(spec)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    """Run a writer (``writer`` in ``spec``; default: ``archiver run`` in batches of two) in a
+    child that SIGKILLs itself at the ``occurrence``-th ``step``; assert it was killed there."""
+    job = kill.Job.of(
+        spec.get("writer", "run"),
+        db,
+        storage,
+        batch_size=2,
+        run_ids=spec.get("run_ids", ()),
+        sweep_batch_size=spec.get("sweep_batch_size"),
     )
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    kill.killed_at(job, step, occurrence=occurrence)
 
 
 def finish_and_check(db: Any, storage: Any, before: dict[str, set[str]]) -> None:
@@ -107,7 +94,8 @@ def test_exception_at_every_step(database: Any, storage: Any, step: str) -> None
 @dataclass(frozen=True)
 class Writer:
     """A writer of batches as these tests drive it: what it starts from, how it is run
-    (``spec`` for tests.crash_runner), and what must hold once it ran again."""
+    (``spec``: the child's job, see :func:`crash_in_child`), and what must hold once it
+    ran again."""
 
     name: str
     steps: tuple[str, ...]

@@ -155,6 +155,7 @@ def test_a_batch_read_ahead_plans_collections_on_what_the_batch_before_left(
     the one that remains. Planned on the row it saw before batch 1 committed, it would leave
     the collection pointing at a deleted artifact."""
     from archiver.engine import batcher as pipeline
+    from archiver.source import collections
 
     db = postgres_database
     trees = [  # kept, then batch 2, then batch 1 (roots go oldest end_time first)
@@ -167,7 +168,7 @@ def test_a_batch_read_ahead_plans_collections_on_what_the_batch_before_left(
     ]
     before = {table: db.ids(table) for table in RUN_TABLES}
     events: list[str] = []
-    plan, repoint = pipeline.plan_collections, pipeline.apply_repoints
+    plan, repoint = collections.plan_collections, collections.apply_repoints
 
     async def planning(conn: Any, schema: Any, artifacts: Any) -> Any:
         which = "2" if second in artifacts.ids else "1"
