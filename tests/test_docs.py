@@ -46,3 +46,33 @@ def test_the_readme_links_only_files_that_exist() -> None:
     assert "docs/deploy/prefect_flow.py" in links
     for link in links:
         assert (ROOT / link).exists(), f"README links {link}, which does not exist"
+
+
+def _module_paragraphs(page: str) -> dict[str, str]:
+    """The paragraphs of "The modules", keyed by the folder they open with (`archiver/cli/`)."""
+    modules = page.split("## The modules", 1)[1]
+    paragraphs: dict[str, str] = {}
+    for paragraph in modules.split("\n\n"):
+        opening = re.search(r"\(`(archiver/[\w/]*)`\):", paragraph)
+        if opening:
+            paragraphs[opening.group(1)] = paragraph
+    return paragraphs
+
+
+def test_the_architecture_page_names_every_module_and_only_real_files() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    paragraphs = _module_paragraphs(page)
+    package = ROOT / "archiver"
+    for module in sorted(package.rglob("*.py")):
+        if module.name == "__init__.py":
+            continue
+        folder = f"{module.parent.relative_to(ROOT)}/"
+        assert f"`{module.name}`" in paragraphs.get(folder, ""), (
+            f"docs/architecture.md does not name {module.relative_to(ROOT)} under {folder}"
+        )
+    for path in re.findall(
+        r"`((?:archiver|engine|source|archive|cli|docs|tests)/[\w/.]+\.\w+)", page
+    ):
+        assert (ROOT / path).exists() or (package / path).exists(), (
+            f"docs/architecture.md names {path}, which does not exist"
+        )
