@@ -155,9 +155,7 @@ def plan_today(batch: Batch) -> None:
     batch.select("artifact", batch.where("flow_run_id", runs))
     if tasks:
         batch.select("artifact", batch.where("task_run_id", tasks, no_run))
-    results = sorted(
-        set(_ids(flow_states, "result_artifact_id")) | set(_ids(task_states, "result_artifact_id"))
-    )
+    results = _result_ids(flow_states, task_states)
     if results:
         batch.select("artifact", batch.where("id", results))
     state_ids = _ids(task_states)
@@ -223,47 +221,37 @@ def plan_children_first(batch: Batch, *, naive: bool = False) -> None:
             raise RuntimeError("flow_run: not every run was returned")
     else:
         batch.delete("flow_run", batch.where("id", runs), len(runs))
-    _return_artifacts(batch, tasks, flow_states, task_states)
+    _return_artifacts(batch, tasks, _result_ids(flow_states, task_states))
 
 
-def _return_artifacts(
-    batch: Batch, tasks: list[str], flow_states: pa.Table | None, task_states: pa.Table | None
-) -> None:
+def _result_ids(*states: pa.Table | None) -> list[str]:
+    """The artifacts that states name as their result."""
+    return sorted({value for table in states for value in _ids(table, "result_artifact_id")})
+
+
+def _return_artifacts(batch: Batch, tasks: list[str], results: list[str]) -> None:
+    """Last: once the states that name them are gone (``result_artifact_id`` is SET NULL)."""
     no_run = " AND flow_run_id IS NULL"
     batch.returning("artifact", batch.where("flow_run_id", batch.runs))
     if tasks:
         batch.returning("artifact", batch.where("task_run_id", tasks, no_run))
-    results = sorted(
-        set(_ids(flow_states, "result_artifact_id")) | set(_ids(task_states, "result_artifact_id"))
-    )
     if results:
         batch.returning("artifact", batch.where("id", results))
 
 
 def plan_mixed(batch: Batch) -> None:
-    """One pass where it is exact; task runs and flow-run states read, then cascaded."""
-    s, runs, no_run = batch.session, batch.runs, " AND flow_run_id IS NULL"
+    """One pass where it is exact; task runs and flow-run states read, then cascaded.
+
+    Undecoded (binary), the ids the plan needs come from small queries of their own, and the
+    cascade's count cannot be checked (nothing was counted).
+    """
+    decodes, runs, no_run = batch.session.decodes, batch.runs, " AND flow_run_id IS NULL"
     batch.ids("flow_run", f"SELECT id FROM flow_run WHERE {batch.where('id', runs)} FOR UPDATE")
     task_runs = batch.select("task_run", batch.where("flow_run_id", runs), lock=True)
     flow_states = batch.select("flow_run_state", batch.where("flow_run_id", runs))
-    if s.decodes:
-        tasks, results = _ids(task_runs), _ids(flow_states, "result_artifact_id")
-    else:  # binary, not decoded: the ids this plan needs, from two small queries
-        tasks = batch.ids(
-            "task_run", f"SELECT id FROM task_run WHERE {batch.where('flow_run_id', runs)}"
-        )
-        results = batch.ids(
-            "result ids",
-            "SELECT result_artifact_id FROM flow_run_state WHERE"
-            f" {batch.where('flow_run_id', runs)} AND result_artifact_id IS NOT NULL",
-        )
-        if tasks:
-            results += batch.ids(
-                "result ids",
-                "SELECT result_artifact_id FROM task_run_state WHERE"
-                f" {batch.where('task_run_id', tasks)} AND result_artifact_id IS NOT NULL",
-            )
-        results = sorted(set(results))
+    tasks, results = _ids(task_runs), list[str]()
+    if not decodes:
+        tasks, results = _undecoded_ids(batch)
     batch.returning("log", batch.where("flow_run_id", runs))
     task_states = None
     if tasks:
@@ -272,7 +260,7 @@ def plan_mixed(batch: Batch) -> None:
         batch.returning("task_run_state_cache", f"task_run_state_id IN ({states})")
         task_states = batch.returning("task_run_state", batch.where("task_run_id", tasks))
     batch.returning("flow_run_input", batch.where("flow_run_id", runs))
-    if s.decodes:
+    if decodes:
         counts = batch.count(
             "cascade",
             f"SELECT (SELECT count(*) FROM task_run WHERE {batch.where('flow_run_id', runs)})"
@@ -284,15 +272,27 @@ def plan_mixed(batch: Batch) -> None:
     returned = batch.returning("flow_run", batch.where("id", runs))
     if returned is not None and returned.num_rows != len(runs):
         raise RuntimeError("flow_run: not every run was returned")
-    if s.decodes:
-        _return_artifacts(batch, tasks, flow_states, task_states)
-        return
-    no_run = " AND flow_run_id IS NULL"
-    batch.returning("artifact", batch.where("flow_run_id", runs))
+    _return_artifacts(batch, tasks, _result_ids(flow_states, task_states) if decodes else results)
+
+
+def _undecoded_ids(batch: Batch) -> tuple[list[str], list[str]]:
+    """(task-run ids, result artifact ids) of the batch, asked for on their own."""
+    runs = batch.runs
+    tasks = batch.ids(
+        "task_run", f"SELECT id FROM task_run WHERE {batch.where('flow_run_id', runs)}"
+    )
+    results = batch.ids(
+        "result ids",
+        "SELECT result_artifact_id FROM flow_run_state WHERE"
+        f" {batch.where('flow_run_id', runs)} AND result_artifact_id IS NOT NULL",
+    )
     if tasks:
-        batch.returning("artifact", batch.where("task_run_id", tasks, no_run))
-    if results:
-        batch.returning("artifact", batch.where("id", results))
+        results += batch.ids(
+            "result ids",
+            "SELECT result_artifact_id FROM task_run_state WHERE"
+            f" {batch.where('task_run_id', tasks)} AND result_artifact_id IS NOT NULL",
+        )
+    return tasks, sorted(set(results))
 
 
 @dataclass(frozen=True)
