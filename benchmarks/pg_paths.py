@@ -19,7 +19,9 @@ query), then the variant's reads and deletes, then COMMIT. What differs:
     table through asyncpg, parsed by ``archiver.archive.codec.from_csv`` into Arrow; flow runs
     and task runs read ``FOR UPDATE``; then DELETE by primary key (logs, caches), one
     statement counting what the flow-run DELETE will cascade into, flow runs by id (the
-    cascade removes task runs, states, inputs), artifacts by id. Every count checked.
+    cascade removes task runs, states, inputs), artifacts by id. Every count checked. The
+    lookups are gather()'s; what archiver does besides (state and legal-hold checks, the
+    new-subflow check, artifact collections, the ledger) is left out of every variant.
 ``children-first``
     flow runs read by ``COPY (SELECT ... FOR UPDATE)`` first, task runs locked; then every
     other table by ``COPY (DELETE ... RETURNING ...) TO STDOUT`` (CSV), children first: logs,
