@@ -350,6 +350,16 @@ def per_table(rounds: list[dict[str, Measured]]) -> str:
     return _table(["step and table (s / PG CPU s)", *(m.variant for m in found)], body)
 
 
+def stored(m: Measured, found: Round) -> dict[str, object]:
+    """A variant's figures for the results file: the per-batch digests (most of its size)
+    replaced by what they showed."""
+    return asdict(m) | {
+        "digests": [],
+        "archive_same_as_today": _same_archive(m, found.get("today")),
+        "left_same_as_bare": _same_left(m, found.get("bare")),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_variant"]:  # the child's side
@@ -397,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = {
         "args": vars(args),
         "tables": text,
-        "rounds": [[asdict(m) for m in r.values()] for r in rounds],
+        "rounds": [[stored(m, r) for m in r.values()] for r in rounds],
     }
     out.write_text(json.dumps(raw, indent=1) + "\n")
     print(text + f"\n\n(written to {out.relative_to(bench.HERE.parent)})")
