@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from benchmarks import run as bench
+from benchmarks.tables import ARCHIVER, STAGES
 
 
 def _busy_ticks() -> tuple[int, int]:
@@ -30,7 +31,7 @@ def measure(database_url: str, depth: int, batch_size: int) -> str:
     from archiver import run
 
     with tempfile.TemporaryDirectory() as folder:
-        spec = bench.Spec("postgres", bench.ARCHIVER, "local", database_url, batch_size, folder)
+        spec = bench.Spec("postgres", ARCHIVER, "local", database_url, batch_size, folder)
         options = bench.run_options(spec)
         busy, total = _busy_ticks()
         cpu, started = os.times(), time.monotonic()
@@ -38,7 +39,7 @@ def measure(database_url: str, depth: int, batch_size: int) -> str:
         seconds = time.monotonic() - started
         busy_after, total_after = _busy_ticks()
         own = sum(os.times()[:2]) - sum(cpu[:2])
-    stages = {s: round(sum(b.stages.get(s, 0.0) for b in report.batches), 2) for s in bench.STAGES}
+    stages = {s: round(sum(b.stages.get(s, 0.0) for b in report.batches), 2) for s in STAGES}
     share = (busy_after - busy) / max(total_after - total, 1)
     return (
         f"read_ahead {depth}: {seconds:.2f} s, cores {share:.0%} busy, "
