@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from archiver.archive import codec
+from archiver.arrow_types import ARROW_TYPES
 from archiver.models import TableShape
 from benchmarks.pg_plans import expired_sql
 
@@ -114,6 +114,6 @@ def adbc_types(url: str, shapes: dict[str, TableShape]) -> list[tuple[str, str, 
                 pg_type = (arrow.metadata or {}).get(b"POSTGRESQL:type", b"?").decode()
                 found.setdefault(
                     (column.kind, pg_type),
-                    (column.kind, pg_type, str(arrow.type), str(codec.ARROW_TYPES[column.kind])),
+                    (column.kind, pg_type, str(arrow.type), str(ARROW_TYPES[column.kind])),
                 )
     return sorted(found.values())

@@ -16,7 +16,7 @@ query), then the variant's reads and deletes, then COMMIT. What differs:
     Reads nothing: the floor, and the baseline of every ratio.
 ``today``
     archiver's path now: ``COPY (SELECT ...) TO STDOUT (FORMAT csv, FORCE_QUOTE *)`` per
-    table through asyncpg, parsed by ``archiver.archive.codec.from_csv`` into Arrow; flow runs
+    table through asyncpg, parsed by ``archiver.source.copy_csv.from_csv`` into Arrow; flow runs
     and task runs read ``FOR UPDATE``; then DELETE by primary key (logs, caches), one
     statement counting what the flow-run DELETE will cascade into, flow runs by id (the
     cascade removes task runs, states, inputs), artifacts by id. Every count checked. The

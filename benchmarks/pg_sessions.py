@@ -6,7 +6,7 @@ CPU ticks of the connection's backend (``/proc/<pid>/stat``, read before and aft
 
 Columns are read the way archiver's archive needs them (``archiver.archive.codec``):
 
-* asyncpg: ``COPY (...) TO STDOUT (FORMAT csv, FORCE_QUOTE *)`` parsed by ``codec.from_csv``,
+* asyncpg: ``COPY (...) TO STDOUT (FORMAT csv, FORCE_QUOTE *)`` parsed by ``copy_csv.from_csv``,
   intervals selected as integer microseconds, with ``TimeZone`` UTC and ``DateStyle`` ISO for
   the transaction, exactly as archiver's reader does; or ``FORMAT binary``, kept as bytes
   (nothing here decodes PostgreSQL's binary COPY in Python).
@@ -29,8 +29,9 @@ from typing import Any, Protocol
 import asyncpg  # type: ignore[import-untyped]
 import pyarrow as pa
 
-from archiver.archive import codec
+from archiver.arrow_types import ARROW_TYPES
 from archiver.models import Kind, TableShape
+from archiver.source.copy_csv import from_csv
 from benchmarks.backend_cpu import backend_ticks
 from benchmarks.generate import Target
 
@@ -63,7 +64,7 @@ def select_list(shape: TableShape, *, uuid_text: bool) -> str:
 
 
 def to_archive_types(table: pa.Table, shape: TableShape) -> pa.Table:
-    """ADBC's Arrow as the archive's types (``codec.ARROW_TYPES``); zero-copy where it can be.
+    """ADBC's Arrow as the archive's types (``ARROW_TYPES``); zero-copy where it can be.
 
     ADBC gives jsonb as the ``arrow.json`` extension (its storage is the text), enums as
     string, int2/int4 as int16/int32, timestamptz as ``timestamp[us, UTC]``.
@@ -75,7 +76,7 @@ def to_archive_types(table: pa.Table, shape: TableShape) -> pa.Table:
             values = pa.chunked_array(
                 [chunk.storage for chunk in values.chunks], values.type.storage_type
             )
-        wanted = codec.ARROW_TYPES[column.kind]
+        wanted = ARROW_TYPES[column.kind]
         if column.kind is Kind.INTERVAL:
             values = values.cast(pa.int64()).cast(wanted)
         elif values.type != wanted:
@@ -85,7 +86,7 @@ def to_archive_types(table: pa.Table, shape: TableShape) -> pa.Table:
 
 
 def empty_table(shape: TableShape) -> pa.Table:
-    return pa.table({c.name: pa.array([], codec.ARROW_TYPES[c.kind]) for c in shape.columns})
+    return pa.table({c.name: pa.array([], ARROW_TYPES[c.kind]) for c in shape.columns})
 
 
 class Session(Protocol):
@@ -194,7 +195,7 @@ class AsyncpgSession:
         if not self.decodes:
             return None
         with self.steps.timing("decode"):
-            return codec.from_csv(b"".join(chunks), shape)
+            return from_csv(b"".join(chunks), shape)
 
     def close(self) -> None:
         self._run(self.conn.close())
